@@ -101,7 +101,9 @@ class TextEncoder(Pretrained, nn.Module):
     def forward_head(self, tokens, cu_seqlens, max_seqlen: int) -> torch.Tensor:
         """Token features (T, D) -> one vector per text (num_texts, D)."""
         if self.config.pool == "last":
-            return tokens[cu_seqlens[1:].to(torch.int64) - 1]
+            ends = cu_seqlens[1:].to(torch.int64)
+            nonempty = (ends > cu_seqlens[:-1]).to(tokens.dtype)[:, None]  # an empty text pools to zeros
+            return tokens[(ends - 1).clamp_min(0)] * nonempty
         padded, valid = kernels.pad_packed(tokens, cu_seqlens, max_seqlen)  # (S, M, D), (S, M)
         counts = valid.sum(dim=1, keepdim=True).clamp_min(1).to(tokens.dtype)
         return padded.sum(dim=1) / counts

@@ -176,7 +176,8 @@ class MAPHead(nn.Module):
         kv = self.kv(x).view(num_tokens, 2, self.num_heads, self.head_dim)  # (N, 2, H, Dh)
         kv, valid = pad_packed(kv, cu_seqlens, max_seqlen)  # (S, M, 2, H, Dh), (S, M)
         k, v = kv.unbind(2)  # (S, M, H, Dh) each
-        scores = torch.einsum("smhd,hd->smh", k.float(), q.float()) * self.head_dim**-0.5  # (S, M, H)
+        compute = torch.float64 if k.dtype == torch.float64 else torch.float32  # softmax in >= float32
+        scores = torch.einsum("smhd,hd->smh", k.to(compute), q.to(compute)) * self.head_dim**-0.5  # (S, M, H)
         # An empty sequence keeps its (zero) first slot visible: its pooled vector is finite, never NaN.
         valid[:, 0] = True
         weights = scores.masked_fill(~valid[:, :, None], float("-inf")).softmax(dim=1).to(v.dtype)

@@ -144,7 +144,8 @@ def test_normalize_false_returns_the_unnormalized_projections():
     torch.testing.assert_close(img_raw, model.image_proj(pooled_img), rtol=0, atol=0)
     torch.testing.assert_close(txt_raw, model.text_proj(pooled_txt), rtol=0, atol=0)
     assert (img_raw.norm(dim=-1) - 1).abs().max() > 1e-3
-    torch.testing.assert_close(img_raw / img_raw.norm(dim=-1, keepdim=True), model.encode_image(*image_args(image_batch)))
+    normalized = model.encode_image(*image_args(image_batch))
+    torch.testing.assert_close(img_raw / img_raw.norm(dim=-1, keepdim=True), normalized)
 
 
 def test_forward_matches_encode_image_and_encode_text():

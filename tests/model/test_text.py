@@ -77,6 +77,18 @@ def test_last_pool_is_the_final_token_of_each_text_and_mean_pool_its_mean():
 
 
 @pytest.mark.parametrize("pool", ["last", "mean"])
+def test_an_empty_text_pools_to_zeros_and_leaves_its_neighbours_unchanged(pool):
+    torch.manual_seed(0)
+    model = tiny_text(torch.float64, pool=pool)
+    batch = make_text_batch([4, 0, 3], model.config.vocab_size)
+    with torch.no_grad():
+        _, pooled = model(*text_args(batch))
+        _, pooled_without = model(batch["input_ids"], torch.tensor([0, 4, 7], dtype=torch.int32), 4)
+    assert torch.equal(pooled[1], torch.zeros_like(pooled[1]))
+    torch.testing.assert_close(pooled[[0, 2]], pooled_without, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
 def test_shuffling_a_texts_tokens_changes_its_pooled_features(pool):
     """Order is seen through 1D RoPE only: without it, a bidirectional encoder with mean pooling would be
     blind to word order."""
