@@ -19,7 +19,10 @@ from . import reference
 
 # Op name -> "module:function" of its Triton implementation, imported on first use (so that
 # TRITON_INTERPRET may be set after `import finevit.kernels`). Kernel modules add their entry here.
-TRITON_IMPLEMENTATIONS: dict[str, str] = {}
+TRITON_IMPLEMENTATIONS: dict[str, str] = {
+    "apply_rope": ".rope:apply_rope",
+    "varlen_attention": ".attention:varlen_attention",
+}
 
 MODES = ("auto", "reference", "triton")
 

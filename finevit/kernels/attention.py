@@ -1,0 +1,696 @@
+"""Varlen (packed) non-causal attention with fused rotary embedding: Triton forward and backward.
+
+Shapes (DESIGN.md): q, k, v, o: (total_tokens, num_heads, head_dim), any token/head strides, last dim
+contiguous; cu_seqlens int32 (num_seqs + 1,); cos, sin float32 (total_tokens, rotary_dim // 2); the
+saved log-sum-exp `lse` is float32 (num_heads, total_tokens), in the log2 domain.
+
+Forward (FA2, exp2 domain): per (sequence, q-block, head) program, loop over the sequence's k-blocks:
+    s = q̃ k̃ᵀ · scale · log2(e);  m' = max(m, rowmax s);  p = 2^(s − m');  l = l·2^(m − m') + rowsum p
+    acc = acc·2^(m − m') + p v;   finally o = acc / l,  lse = m + log2 l.
+Backward (FA2 recompute, deterministic, no atomics):
+    δ = rowsum(dO ∘ O)                                         (_attn_bwd_preprocess_kernel)
+    p = 2^(s − lse),  dV = pᵀ dO,  dP = dO vᵀ,  dS = p ∘ (dP − δ),  dK̃ = scale · dSᵀ q̃
+                                                               (_attn_bwd_dkdv_kernel: owns a k-block)
+    dQ̃ = scale · dS k̃                                         (_attn_bwd_dq_kernel: owns a q-block)
+Rotary embedding (rotate-half, Qwen2-VL): q̃, k̃ are rotated in registers as they are loaded and never
+written back; the gradients w.r.t. q, k are the conjugate rotation of dQ̃, dK̃, applied before the store:
+    x1' = x1·cos − x2·sin,  x2' = x2·cos + x1·sin;   dx1 = dx̃1·cos + dx̃2·sin,  dx2 = dx̃2·cos − dx̃1·sin.
+
+Head dims that are not powers of two (72, 80, 88, ...) without padding to the next power of two:
+`tl.dot` needs power-of-two tiles, but q·kᵀ is a sum over channels, so the channels may be grouped
+into several power-of-two chunks whose dot products are added (any grouping used identically for q
+and k). A rotary pair (i, i + r/2) must sit in one chunk so it can be rotated in registers, so rotary
+channels are grouped by pairs: a chunk of P pairs holds x1[i:i+P] and x2[i:i+P], interleaved by
+`tl.join`. Chunks are at least 16 channels wide (the smallest dot); a remainder is padded (masked):
+    head_dim 72 -> 64 + 16 (8 real) = 80 of work;  80 -> 64 + 16 = 80;  88 -> 64 + 16 + 16 = 96;
+    96 -> 64 + 32;  128 -> 128;  256 -> 128 + 128,
+against 96 for 72/80/88 in FA2/FA3, whose kernels round head dims up to a multiple of 32. v and o
+have no rotation and are split the same way by plain channel ranges. The plan is computed on the host
+(`_chunk_plan`) and passed as constexprs, so power-of-two head dims compile to a single chunk.
+
+Ragged scheduling: instead of a (cdiv(max_seqlen, BLOCK), heads, num_seqs) grid, which launches
+empty programs for every short sequence, the grid's first axis is a flat list of (sequence, block)
+work items: `cu_blocks` (cumulative block counts per sequence, built on the device with torch ops, no
+host sync) is binary-searched by each program; the grid size cdiv(total_tokens, BLOCK) + num_seqs
+is an upper bound known from shapes alone, and programs past the last work item return at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+LOG2E = 1.4426950408889634
+CU_BLOCK_SIZES = (16, 32, 64, 128)  # block sizes that the `cu_blocks` table has a row for
+NUM_QK_CHUNKS, NUM_V_CHUNKS = 4, 3
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Output allocation (tests replace it with a NaN-filled one to prove every element is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels: helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK: tl.constexpr):
+    """Map this program to (first token of its sequence, sequence length, block index), or valid=False.
+
+    CU_BLOCKS holds one row of num_seqs + 1 cumulative block counts per size in CU_BLOCK_SIZES (16..128).
+    """
+    work = tl.program_id(0)
+    if BLOCK == 16:
+        size_index = 0
+    elif BLOCK == 32:
+        size_index = 1
+    elif BLOCK == 64:
+        size_index = 2
+    else:
+        tl.static_assert(BLOCK == 128)
+        size_index = 3
+    row = CU_BLOCKS + size_index * (num_seqs + 1)
+    valid = work < tl.load(row + num_seqs)
+    # Binary search for the last sequence whose first block is <= work (empty sequences own no block).
+    lo = 0
+    hi = num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        take = tl.load(row + mid) <= work
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid)
+    block = work - tl.load(row + lo)
+    seq_start = tl.load(CU_SEQLENS + lo)
+    seqlen = tl.load(CU_SEQLENS + lo + 1) - seq_start
+    return valid, seq_start.to(tl.int64), seqlen, block
+
+
+@triton.jit
+def _load_chunk(X, stride_x_tok, tok, mask_tok, COS, SIN, stride_cs_tok,
+                ROT_HALF: tl.constexpr, ROTARY: tl.constexpr, START: tl.constexpr, REAL: tl.constexpr,
+                WIDTH: tl.constexpr):
+    """One (len(tok), WIDTH) channel chunk of X's rows `tok` (int64 token indices), in X's dtype.
+
+    ROTARY: the chunk holds REAL rotate-half pairs from pair START (x1 channels START.., x2 channels
+    ROT_HALF + START..), rotated by cos/sin and interleaved as [x1'0, x2'0, x1'1, x2'1, ...].
+    Otherwise: REAL plain channels from channel START. Channels past REAL are zeros.
+    """
+    if ROTARY:
+        offs = tl.arange(0, WIDTH // 2)
+        mask = mask_tok[:, None] & (offs < REAL)[None, :]
+        ptr = X + tok[:, None] * stride_x_tok + START + offs[None, :]
+        x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(ptr + ROT_HALF, mask=mask, other=0.0).to(tl.float32)
+        cs = tok[:, None] * stride_cs_tok + START + offs[None, :]
+        cos = tl.load(COS + cs, mask=mask, other=1.0)
+        sin = tl.load(SIN + cs, mask=mask, other=0.0)
+        rotated = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)  # (N, WIDTH / 2, 2)
+        return tl.reshape(rotated, (tok.shape[0], WIDTH)).to(X.dtype.element_ty)
+    else:
+        offs = tl.arange(0, WIDTH)
+        mask = mask_tok[:, None] & (offs < REAL)[None, :]
+        return tl.load(X + tok[:, None] * stride_x_tok + START + offs[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_chunk(X, stride_x_tok, tok, mask_tok, value, COS, SIN, stride_cs_tok,
+                 ROT_HALF: tl.constexpr, ROTARY: tl.constexpr, START: tl.constexpr, REAL: tl.constexpr,
+                 WIDTH: tl.constexpr):
+    """Store a float32 chunk laid out as `_load_chunk` loads it; rotary chunks are rotated back
+    (the conjugate rotation: the gradient w.r.t. the unrotated input) before the store."""
+    if ROTARY:
+        offs = tl.arange(0, WIDTH // 2)
+        mask = mask_tok[:, None] & (offs < REAL)[None, :]
+        g1, g2 = tl.split(tl.reshape(value, (tok.shape[0], WIDTH // 2, 2)))
+        cs = tok[:, None] * stride_cs_tok + START + offs[None, :]
+        cos = tl.load(COS + cs, mask=mask, other=1.0)
+        sin = tl.load(SIN + cs, mask=mask, other=0.0)
+        ptr = X + tok[:, None] * stride_x_tok + START + offs[None, :]
+        tl.store(ptr, (g1 * cos + g2 * sin).to(X.dtype.element_ty), mask=mask)
+        tl.store(ptr + ROT_HALF, (g2 * cos - g1 * sin).to(X.dtype.element_ty), mask=mask)
+    else:
+        offs = tl.arange(0, WIDTH)
+        mask = mask_tok[:, None] & (offs < REAL)[None, :]
+        tl.store(X + tok[:, None] * stride_x_tok + START + offs[None, :], value.to(X.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels: forward
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    # pointers
+    Q, K, V, O, LSE, COS, SIN,
+    # varlen metadata
+    CU_SEQLENS, CU_BLOCKS, num_seqs, total_tokens,
+    # strides (last dims are contiguous)
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_o_tok, stride_o_head, stride_cs_tok,
+    # runtime scalars
+    qk_scale,  # softmax_scale · log2(e)
+    head_dim, max_seqlen_bucket,  # autotune keys only
+    # constexprs: the channel-chunk plan (see the module docstring), one group per slot
+    ROT_HALF: tl.constexpr,
+    QK0_ROT: tl.constexpr, QK0_START: tl.constexpr, QK0_REAL: tl.constexpr, QK0_WIDTH: tl.constexpr,
+    QK1_ROT: tl.constexpr, QK1_START: tl.constexpr, QK1_REAL: tl.constexpr, QK1_WIDTH: tl.constexpr,
+    QK2_ROT: tl.constexpr, QK2_START: tl.constexpr, QK2_REAL: tl.constexpr, QK2_WIDTH: tl.constexpr,
+    QK3_ROT: tl.constexpr, QK3_START: tl.constexpr, QK3_REAL: tl.constexpr, QK3_WIDTH: tl.constexpr,
+    V0_START: tl.constexpr, V0_REAL: tl.constexpr, V0_WIDTH: tl.constexpr,
+    V1_START: tl.constexpr, V1_REAL: tl.constexpr, V1_WIDTH: tl.constexpr,
+    V2_START: tl.constexpr, V2_REAL: tl.constexpr, V2_WIDTH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32 rounding), ignored for fp16/bf16
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile sizes: constexpr so tiles live in registers
+):
+    valid, seq_start, seqlen, block = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_M)
+    if not valid:
+        return
+    head = tl.program_id(1).to(tl.int64)
+    Q += head * stride_q_head
+    K += head * stride_k_head
+    V += head * stride_v_head
+    O += head * stride_o_head
+
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seqlen
+    tok_m = seq_start + offs_m  # int64 token indices
+
+    # q chunks: rotated as they are loaded, kept in registers for the whole k loop.
+    q0 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    if QK1_REAL > 0:
+        q1 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+    if QK2_REAL > 0:
+        q2 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+    if QK3_REAL > 0:
+        q3 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, V0_WIDTH], dtype=tl.float32)
+    if V1_REAL > 0:
+        acc1 = tl.zeros([BLOCK_M, V1_WIDTH], dtype=tl.float32)
+    if V2_REAL > 0:
+        acc2 = tl.zeros([BLOCK_M, V2_WIDTH], dtype=tl.float32)
+
+    for start_n in range(0, seqlen, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < seqlen
+        tok_n = seq_start + offs_n
+        k0 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+        if QK1_REAL > 0:
+            k1 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+        if QK2_REAL > 0:
+            k2 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+            s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+        if QK3_REAL > 0:
+            k3 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+            s += tl.dot(q3, tl.trans(k3), input_precision=DOT_PRECISION)
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        p = p.to(V.dtype.element_ty)
+
+        v0 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+        acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+        if V1_REAL > 0:
+            v1 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+            acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+        if V2_REAL > 0:
+            v2 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+            acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
+
+    inv_l = 1.0 / l_i
+    _store_chunk(O, stride_o_tok, tok_m, mask_m, acc0 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+    if V1_REAL > 0:
+        _store_chunk(O, stride_o_tok, tok_m, mask_m, acc1 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+    if V2_REAL > 0:
+        _store_chunk(O, stride_o_tok, tok_m, mask_m, acc2 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+    tl.store(LSE + head * total_tokens + tok_m, m_i + tl.math.log2(l_i), mask=mask_m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels: backward
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    total_tokens,
+    stride_o_tok, stride_o_head, stride_do_tok, stride_do_head,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """δ[h, t] = Σ_d dO[t, h, d] · O[t, h, d] in float32; grid (cdiv(total_tokens, BLOCK_T), heads)."""
+    head = tl.program_id(1).to(tl.int64)
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (tok < total_tokens)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + head * stride_o_head + tok[:, None] * stride_o_tok + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + head * stride_do_head + tok[:, None] * stride_do_tok + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + head * total_tokens + tok, delta, mask=tok < total_tokens)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    # pointers
+    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
+    # varlen metadata
+    CU_SEQLENS, CU_BLOCKS, num_seqs, total_tokens,
+    # strides (dk, dv share k's, v's layout: they are allocated contiguous like k, v)
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_do_tok, stride_do_head, stride_dk_tok, stride_dk_head, stride_dv_tok, stride_dv_head, stride_cs_tok,
+    # runtime scalars
+    qk_scale, softmax_scale, head_dim, max_seqlen_bucket,
+    # constexprs
+    ROT_HALF: tl.constexpr,
+    QK0_ROT: tl.constexpr, QK0_START: tl.constexpr, QK0_REAL: tl.constexpr, QK0_WIDTH: tl.constexpr,
+    QK1_ROT: tl.constexpr, QK1_START: tl.constexpr, QK1_REAL: tl.constexpr, QK1_WIDTH: tl.constexpr,
+    QK2_ROT: tl.constexpr, QK2_START: tl.constexpr, QK2_REAL: tl.constexpr, QK2_WIDTH: tl.constexpr,
+    QK3_ROT: tl.constexpr, QK3_START: tl.constexpr, QK3_REAL: tl.constexpr, QK3_WIDTH: tl.constexpr,
+    V0_START: tl.constexpr, V0_REAL: tl.constexpr, V0_WIDTH: tl.constexpr,
+    V1_START: tl.constexpr, V1_REAL: tl.constexpr, V1_WIDTH: tl.constexpr,
+    V2_START: tl.constexpr, V2_REAL: tl.constexpr, V2_WIDTH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program owns a k-block of one head: dK, dV accumulate in registers over the sequence's q-blocks."""
+    valid, seq_start, seqlen, block = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_N)
+    if not valid:
+        return
+    head = tl.program_id(1).to(tl.int64)
+    Q += head * stride_q_head
+    K += head * stride_k_head
+    V += head * stride_v_head
+    DO += head * stride_do_head
+    DK += head * stride_dk_head
+    DV += head * stride_dv_head
+    LSE += head * total_tokens
+    DELTA += head * total_tokens
+
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < seqlen
+    tok_n = seq_start + offs_n
+    k0 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    dk0 = tl.zeros([BLOCK_N, QK0_WIDTH], dtype=tl.float32)
+    if QK1_REAL > 0:
+        k1 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        dk1 = tl.zeros([BLOCK_N, QK1_WIDTH], dtype=tl.float32)
+    if QK2_REAL > 0:
+        k2 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        dk2 = tl.zeros([BLOCK_N, QK2_WIDTH], dtype=tl.float32)
+    if QK3_REAL > 0:
+        k3 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        dk3 = tl.zeros([BLOCK_N, QK3_WIDTH], dtype=tl.float32)
+    v0 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+    dv0 = tl.zeros([BLOCK_N, V0_WIDTH], dtype=tl.float32)
+    if V1_REAL > 0:
+        v1 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+        dv1 = tl.zeros([BLOCK_N, V1_WIDTH], dtype=tl.float32)
+    if V2_REAL > 0:
+        v2 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+        dv2 = tl.zeros([BLOCK_N, V2_WIDTH], dtype=tl.float32)
+
+    for start_m in range(0, seqlen, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < seqlen
+        tok_m = seq_start + offs_m
+        # Work transposed, (BLOCK_N, BLOCK_M): kᵀ-major tiles feed dK and dV without transposing p.
+        q0 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+        s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
+        if QK1_REAL > 0:
+            q1 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+            s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
+        if QK2_REAL > 0:
+            q2 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+            s_t += tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION)
+        if QK3_REAL > 0:
+            q3 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+            s_t += tl.dot(k3, tl.trans(q3), input_precision=DOT_PRECISION)
+        lse = tl.load(LSE + tok_m, mask=mask_m, other=float("inf"))  # +inf: padded q rows get p = 0
+        delta = tl.load(DELTA + tok_m, mask=mask_m, other=0.0)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+
+        do0 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+        dv0 += tl.dot(p_t.to(DO.dtype.element_ty), do0, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PRECISION)
+        if V1_REAL > 0:
+            do1 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+            dv1 += tl.dot(p_t.to(DO.dtype.element_ty), do1, input_precision=DOT_PRECISION)
+            dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PRECISION)
+        if V2_REAL > 0:
+            do2 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+            dv2 += tl.dot(p_t.to(DO.dtype.element_ty), do2, input_precision=DOT_PRECISION)
+            dp_t += tl.dot(v2, tl.trans(do2), input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
+
+        dk0 += tl.dot(ds_t, q0, input_precision=DOT_PRECISION)
+        if QK1_REAL > 0:
+            dk1 += tl.dot(ds_t, q1, input_precision=DOT_PRECISION)
+        if QK2_REAL > 0:
+            dk2 += tl.dot(ds_t, q2, input_precision=DOT_PRECISION)
+        if QK3_REAL > 0:
+            dk3 += tl.dot(ds_t, q3, input_precision=DOT_PRECISION)
+
+    _store_chunk(DK, stride_dk_tok, tok_n, mask_n, dk0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    if QK1_REAL > 0:
+        _store_chunk(DK, stride_dk_tok, tok_n, mask_n, dk1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+    if QK2_REAL > 0:
+        _store_chunk(DK, stride_dk_tok, tok_n, mask_n, dk2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+    if QK3_REAL > 0:
+        _store_chunk(DK, stride_dk_tok, tok_n, mask_n, dk3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+    _store_chunk(DV, stride_dv_tok, tok_n, mask_n, dv0, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+    if V1_REAL > 0:
+        _store_chunk(DV, stride_dv_tok, tok_n, mask_n, dv1, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+    if V2_REAL > 0:
+        _store_chunk(DV, stride_dv_tok, tok_n, mask_n, dv2, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    # pointers
+    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
+    # varlen metadata
+    CU_SEQLENS, CU_BLOCKS, num_seqs, total_tokens,
+    # strides
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_do_tok, stride_do_head, stride_dq_tok, stride_dq_head, stride_cs_tok,
+    # runtime scalars
+    qk_scale, softmax_scale, head_dim, max_seqlen_bucket,
+    # constexprs
+    ROT_HALF: tl.constexpr,
+    QK0_ROT: tl.constexpr, QK0_START: tl.constexpr, QK0_REAL: tl.constexpr, QK0_WIDTH: tl.constexpr,
+    QK1_ROT: tl.constexpr, QK1_START: tl.constexpr, QK1_REAL: tl.constexpr, QK1_WIDTH: tl.constexpr,
+    QK2_ROT: tl.constexpr, QK2_START: tl.constexpr, QK2_REAL: tl.constexpr, QK2_WIDTH: tl.constexpr,
+    QK3_ROT: tl.constexpr, QK3_START: tl.constexpr, QK3_REAL: tl.constexpr, QK3_WIDTH: tl.constexpr,
+    V0_START: tl.constexpr, V0_REAL: tl.constexpr, V0_WIDTH: tl.constexpr,
+    V1_START: tl.constexpr, V1_REAL: tl.constexpr, V1_WIDTH: tl.constexpr,
+    V2_START: tl.constexpr, V2_REAL: tl.constexpr, V2_WIDTH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program owns a q-block of one head: dQ accumulates in registers over the sequence's k-blocks."""
+    valid, seq_start, seqlen, block = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_M)
+    if not valid:
+        return
+    head = tl.program_id(1).to(tl.int64)
+    Q += head * stride_q_head
+    K += head * stride_k_head
+    V += head * stride_v_head
+    DO += head * stride_do_head
+    DQ += head * stride_dq_head
+
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seqlen
+    tok_m = seq_start + offs_m
+    q0 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    dq0 = tl.zeros([BLOCK_M, QK0_WIDTH], dtype=tl.float32)
+    if QK1_REAL > 0:
+        q1 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        dq1 = tl.zeros([BLOCK_M, QK1_WIDTH], dtype=tl.float32)
+    if QK2_REAL > 0:
+        q2 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        dq2 = tl.zeros([BLOCK_M, QK2_WIDTH], dtype=tl.float32)
+    if QK3_REAL > 0:
+        q3 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        dq3 = tl.zeros([BLOCK_M, QK3_WIDTH], dtype=tl.float32)
+    do0 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+    if V1_REAL > 0:
+        do1 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+    if V2_REAL > 0:
+        do2 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+    lse = tl.load(LSE + head * total_tokens + tok_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + head * total_tokens + tok_m, mask=mask_m, other=0.0)
+
+    for start_n in range(0, seqlen, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < seqlen
+        tok_n = seq_start + offs_n
+        k0 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+        if QK1_REAL > 0:
+            k1 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+        if QK2_REAL > 0:
+            k2 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+            s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+        if QK3_REAL > 0:
+            k3 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+            s += tl.dot(q3, tl.trans(k3), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+
+        v0 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PRECISION)
+        if V1_REAL > 0:
+            v1 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+            dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PRECISION)
+        if V2_REAL > 0:
+            v2 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+            dp += tl.dot(do2, tl.trans(v2), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
+
+        dq0 += tl.dot(ds, k0, input_precision=DOT_PRECISION)
+        if QK1_REAL > 0:
+            dq1 += tl.dot(ds, k1, input_precision=DOT_PRECISION)
+        if QK2_REAL > 0:
+            dq2 += tl.dot(ds, k2, input_precision=DOT_PRECISION)
+        if QK3_REAL > 0:
+            dq3 += tl.dot(ds, k3, input_precision=DOT_PRECISION)
+
+    _store_chunk(DQ, stride_dq_tok, tok_m, mask_m, dq0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    if QK1_REAL > 0:
+        _store_chunk(DQ, stride_dq_tok, tok_m, mask_m, dq1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+    if QK2_REAL > 0:
+        _store_chunk(DQ, stride_dq_tok, tok_m, mask_m, dq2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+    if QK3_REAL > 0:
+        _store_chunk(DQ, stride_dq_tok, tok_m, mask_m, dq3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _split(units: int, min_alloc: int, cap: int, max_chunks: int) -> list[tuple[int, int, int]]:
+    """Split `units` into <= max_chunks (start, real, alloc) pieces, alloc a power of two in [min_alloc, cap].
+
+    Greedy largest powers of two; the last slot (or a remainder under min_alloc) is padded up.
+    """
+    chunks, start = [], 0
+    while start < units:
+        rest = units - start
+        if len(chunks) == max_chunks - 1 or rest < min_alloc:
+            chunks.append((start, rest, max(min_alloc, triton.next_power_of_2(rest))))
+            break
+        take = min(cap, 1 << (rest.bit_length() - 1))
+        chunks.append((start, take, take))
+        start += take
+    return chunks
+
+
+def _chunk_plan(head_dim: int, rotary_dim: int) -> dict:
+    """Constexprs describing how q/k channels (QK0..QK3) and v/o channels (V0..V2) are tiled.
+
+    Rotary pairs come first (chunks of >= 8 pairs = 16 channels, at most 64 pairs), then the plain
+    channels past the rotary dim; v/o are plain channel ranges. Unused slots have REAL = 0.
+    """
+    plan = {"ROT_HALF": max(rotary_dim // 2, 1)}
+    plain_qk = head_dim - rotary_dim
+    candidates = []  # every way to share the slots between rotary pairs and plain channels
+    for rotary_slots in range(1 if rotary_dim else 0, NUM_QK_CHUNKS + 1 - (1 if plain_qk else 0)):
+        rotary = _split(rotary_dim // 2, 8, 64, rotary_slots) if rotary_dim else []
+        plain = _split(plain_qk, 16, 128, NUM_QK_CHUNKS - len(rotary)) if plain_qk else []
+        qk = [(True, start, real, 2 * alloc) for start, real, alloc in rotary]
+        qk += [(False, rotary_dim + start, real, alloc) for start, real, alloc in plain]
+        candidates.append((sum(width for *_, width in qk), len(qk), qk))
+    _, _, qk = min(candidates, key=lambda c: c[:2])  # least matmul work, then fewest chunks
+    qk += [(False, 0, 0, 16)] * (NUM_QK_CHUNKS - len(qk))
+    for i, (rot, start, real, width) in enumerate(qk):
+        plan.update({f"QK{i}_ROT": rot, f"QK{i}_START": start, f"QK{i}_REAL": real, f"QK{i}_WIDTH": width})
+    v = _split(head_dim, 16, 128, NUM_V_CHUNKS)
+    v += [(0, 0, 16)] * (NUM_V_CHUNKS - len(v))
+    for i, (start, real, alloc) in enumerate(v):
+        plan.update({f"V{i}_START": start, f"V{i}_REAL": real, f"V{i}_WIDTH": alloc})
+    return plan
+
+
+def matmul_channels(head_dim: int, rotary_dim: int) -> int:
+    """Channels of q·kᵀ work per (query, key) pair that the plan spends for `head_dim` (padding included)."""
+    plan = _chunk_plan(head_dim, rotary_dim)
+    return sum(plan[f"QK{i}_WIDTH"] for i in range(NUM_QK_CHUNKS) if plan[f"QK{i}_REAL"])
+
+
+def _cu_blocks(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """int32 (len(CU_BLOCK_SIZES), num_seqs + 1): cumulative cdiv(seqlen, block) per block size, on device."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)  # (S,)
+    sizes = torch.tensor(CU_BLOCK_SIZES, device=cu_seqlens.device)[:, None]  # (4, 1)
+    blocks = torch.div(lengths[None, :] + sizes - 1, sizes, rounding_mode="floor")  # (4, S)
+    return torch.nn.functional.pad(blocks.cumsum(1), (1, 0)).to(torch.int32).contiguous()
+
+
+def _configs(names):
+    """Autotune candidates: (BLOCK_M, BLOCK_N, warps, stages), pruned to what fits ViT sequence lengths."""
+    shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3), (64, 32, 4, 2)]
+    return [triton.Config(dict(zip(names, (m, n))), num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+_KEYS = ["head_dim", "max_seqlen_bucket"]
+_attn_fwd_tuned = triton.autotune(_configs(["BLOCK_M", "BLOCK_N"]), key=_KEYS)(_attn_fwd_kernel)
+_attn_bwd_dkdv_tuned = triton.autotune(_configs(["BLOCK_N", "BLOCK_M"]), key=_KEYS)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq_tuned = triton.autotune(_configs(["BLOCK_M", "BLOCK_N"]), key=_KEYS)(_attn_bwd_dq_kernel)
+# Under the interpreter every autotune candidate would run (slowly): one fixed config instead.
+_INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
+
+
+def _launch(tuned, plain, grid, *args, **constexprs):
+    if _interpreting():
+        wrap_triton(plain)[grid](*args, **constexprs, **_INTERPRETER_BLOCKS)
+    else:
+        wrap_triton(tuned)[grid](*args, **constexprs)
+
+
+def _seqlen_bucket(max_seqlen: int) -> int:
+    """Autotune key: ragged batches share a tuning while their longest sequence is in the same octave."""
+    return triton.next_power_of_2(max(max_seqlen, 16))
+
+
+def _common(q, cos, softmax_scale):
+    total_tokens, _, head_dim = q.shape
+    rotary_dim = 2 * cos.shape[1] if cos is not None else 0
+    plan = _chunk_plan(head_dim, rotary_dim)
+    plan["DOT_PRECISION"] = "ieee" if q.dtype == torch.float32 else "tf32"
+    cos = cos if cos is not None else q.new_empty(0, dtype=torch.float32)  # never read without rotary chunks
+    sin_stride = cos.stride(0) if cos.numel() else 0
+    return plan, cos, sin_stride, softmax_scale * LOG2E
+
+
+@triton_op("finevit::varlen_attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward launcher: returns o (total_tokens, heads, head_dim) and lse float32 (heads, total_tokens)."""
+    total_tokens, num_heads, head_dim = q.shape
+    num_seqs = cu_seqlens.shape[0] - 1
+    plan, cos_t, stride_cs, qk_scale = _common(q, cos, softmax_scale)
+    sin_t = sin if sin is not None else cos_t
+    o = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((num_heads, total_tokens), torch.float32, q.device)
+    cu_blocks = _cu_blocks(cu_seqlens)
+
+    def grid(meta):
+        return (triton.cdiv(total_tokens, meta["BLOCK_M"]) + num_seqs, num_heads)
+
+    _launch(
+        _attn_fwd_tuned, _attn_fwd_kernel, grid,
+        q, k, v, o, lse, cos_t, sin_t,
+        cu_seqlens, cu_blocks, num_seqs, total_tokens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1), stride_cs,
+        qk_scale, head_dim, _seqlen_bucket(max_seqlen),
+        **plan,
+    )
+    return o, lse
+
+
+@triton_op("finevit::varlen_attention_bwd", mutates_args=())
+def attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens: torch.Tensor, max_seqlen: int, cos: torch.Tensor | None, sin: torch.Tensor | None,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher: δ preprocess, then the dK/dV and dQ kernels. Returns dq, dk, dv."""
+    total_tokens, num_heads, head_dim = q.shape
+    num_seqs = cu_seqlens.shape[0] - 1
+    plan, cos_t, stride_cs, qk_scale = _common(q, cos, softmax_scale)
+    sin_t = sin if sin is not None else cos_t
+    if do.stride(-1) != 1:  # e.g. the expanded, stride-0 gradient of out.sum()
+        do = do.contiguous()
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    delta = _empty((num_heads, total_tokens), torch.float32, q.device)
+    cu_blocks = _cu_blocks(cu_seqlens)
+
+    block_t = 32 if _interpreting() else 64
+    wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(total_tokens, block_t), num_heads)](
+        o, do, delta, total_tokens, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
+        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+    shared = (cu_seqlens, cu_blocks, num_seqs, total_tokens)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+    scalars = (qk_scale, softmax_scale, head_dim, _seqlen_bucket(max_seqlen))
+
+    def grid_kv(meta):
+        return (triton.cdiv(total_tokens, meta["BLOCK_N"]) + num_seqs, num_heads)
+
+    def grid_q(meta):
+        return (triton.cdiv(total_tokens, meta["BLOCK_M"]) + num_seqs, num_heads)
+
+    _launch(
+        _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, grid_kv,
+        q, k, v, do, lse, delta, dk, dv, cos_t, sin_t, *shared,
+        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), stride_cs, *scalars,
+        **plan,
+    )
+    _launch(
+        _attn_bwd_dq_tuned, _attn_bwd_dq_kernel, grid_q,
+        q, k, v, do, lse, delta, dq, cos_t, sin_t, *shared,
+        *strides, dq.stride(0), dq.stride(1), stride_cs, *scalars,
+        **plan,
+    )
+    return dq, dk, dv
+
+
+@attention_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, cos, sin, softmax_scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, cos, sin, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd and the public function
+# ----------------------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, cos, sin, softmax_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cos, sin)
+    ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
+
+
+def _backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse, cu_seqlens, cos, sin = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_o, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, cos, sin, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cos=None, sin=None, softmax_scale=None):
+    """Triton path of `finevit.kernels.varlen_attention` (inputs already validated there)."""
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    return attention_fwd(q, k, v, cu_seqlens, max_seqlen, cos, sin, float(softmax_scale))[0]

@@ -1,0 +1,196 @@
+"""Triton varlen attention (forward and backward, with and without fused RoPE) against the float64 reference.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1): fp16 and fp32 only,
+since the interpreter cannot multiply bf16. With CUDA the same tests run compiled, bf16 included.
+The rule (flash-attention's): the kernel's error against float64 is at most 2x (gradients 3x) the error
+of the PyTorch reference run in the same dtype. Outputs are allocated NaN-poisoned, so an element the
+kernel forgets to write fails the test.
+"""
+
+import random
+
+import pytest
+import torch
+
+import finevit.kernels as K
+from finevit.kernels import attention, reference
+
+from .comparisons import assert_error_within
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    def empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(attention, "_empty", empty)
+
+
+def make_inputs(lengths, heads, head_dim, rotary_dim, dtype, layout="contiguous"):
+    """float64 masters and low-precision leaves (same rounded values), cu_seqlens, cos/sin."""
+    total = sum(lengths)
+    if layout == "qkv_view":  # q, k, v as strided views of a fused (T, 3, H, D) projection
+        fused = torch.randn(total, 3, heads, head_dim, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
+        low = list(fused.unbind(1))  # non-contiguous views with strides (3·H·D, D, 1)
+        for x in low:
+            x.retain_grad()
+    else:
+        low = [torch.randn(total, heads, head_dim, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_() for _ in range(3)]
+    masters = [x.detach().double().requires_grad_() for x in low]
+    lowp_torch = [x.detach().clone().requires_grad_() for x in low]
+    cu = K.cu_seqlens_from_lengths(lengths).to(DEVICE)
+    cos = sin = None
+    if rotary_dim:
+        positions = torch.randint(0, 64, (total, 2), device=DEVICE)
+        cos, sin = K.rope_2d_cos_sin(positions, head_dim, rotary_dim=rotary_dim)
+    return low, masters, lowp_torch, cu, cos, sin
+
+
+def check_against_reference(lengths, heads, head_dim, rotary_dim, dtype, softmax_scale=None, layout="contiguous"):
+    low, masters, lowp_torch, cu, cos, sin = make_inputs(lengths, heads, head_dim, rotary_dim, dtype, layout)
+    max_seqlen = max(lengths)
+    kwargs = dict(cos=cos, sin=sin, softmax_scale=softmax_scale)
+
+    out = attention.varlen_attention(*low, cu, max_seqlen, **kwargs)
+    ref64 = reference.varlen_attention(*masters, cu, max_seqlen, **kwargs)
+    ref_lowp = reference.varlen_attention(*lowp_torch, cu, max_seqlen, **kwargs)
+    assert out.dtype == dtype and out.shape == low[0].shape
+    assert_error_within(out, ref64, ref_lowp, 2, "out")
+
+    grad = torch.randn_like(ref64)
+    out.backward(grad.to(dtype))
+    ref64.backward(grad)
+    ref_lowp.backward(grad.to(dtype))
+    for name, x, x64, xt in zip("qkv", low, masters, lowp_torch):
+        assert_error_within(x.grad, x64.grad, xt.grad, 3, f"d{name}")
+
+
+HEAD_DIMS = [32, 64, 72, 80, 88, 96, 128]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_attention_matches_reference_for_every_head_dim(head_dim, rope, dtype):
+    check_against_reference([1, 2, 17, 40], 2, head_dim, head_dim if rope else 0, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_attention_matches_reference_on_sequences_of_129_tokens(head_dim, dtype):
+    check_against_reference([129, 1], 1, head_dim, head_dim, dtype)
+
+
+@pytest.mark.parametrize(
+    "head_dim, rotary_dim", [(64, 32), (80, 40), (88, 44), (128, 64), (72, 24), (96, 8)],
+)
+def test_attention_with_partial_rotary_dims(head_dim, rotary_dim):
+    check_against_reference([9, 23], 2, head_dim, rotary_dim, torch.float32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_attention_on_random_ragged_batches(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([0, 1, 2, 3, 15, 16, 17, 31, 33, 64, 65]) for _ in range(rng.randint(1, 6))]
+    lengths[rng.randrange(len(lengths))] += 1  # at least one token
+    heads = rng.randint(1, 3)
+    head_dim = rng.choice([32, 72, 80])
+    check_against_reference(lengths, heads, head_dim, rng.choice([0, head_dim]), rng.choice([torch.float16, torch.float32]))
+
+
+def test_attention_with_a_custom_softmax_scale_and_three_heads():
+    check_against_reference([7, 20], 3, 64, 64, torch.float32, softmax_scale=0.37)
+
+
+def test_attention_on_strided_views_of_a_fused_qkv_projection():
+    check_against_reference([5, 19], 2, 72, 72, torch.float16, layout="qkv_view")
+
+
+def test_attention_backward_takes_an_expanded_stride0_gradient():
+    low, masters, _, cu, cos, sin = make_inputs([6, 11], 2, 80, 80, torch.float32)
+    attention.varlen_attention(*low, cu, 11, cos=cos, sin=sin).sum().backward()  # grad: expanded ones
+    reference.varlen_attention(*masters, cu, 11, cos=cos, sin=sin).sum().backward()
+    for x, x64 in zip(low, masters):
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=1e-5)
+
+
+def test_attention_is_deterministic():
+    low, _, _, cu, cos, sin = make_inputs([3, 40], 2, 72, 72, torch.float16)
+    results = []
+    for _ in range(2):
+        for x in low:
+            x.grad = None
+        out = attention.varlen_attention(*low, cu, 40, cos=cos, sin=sin)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach().clone()] + [x.grad.clone() for x in low])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_attention_does_not_attend_across_sequences():
+    low, _, _, cu, _, _ = make_inputs([4, 9], 1, 32, 0, torch.float32)
+    q, k, v = (x.detach() for x in low)
+    out = attention.varlen_attention(q, k, v, cu, 9)
+    v2 = v.clone()
+    v2[4:] += 50.0
+    out2 = attention.varlen_attention(q, k, v2, cu, 9)
+    assert torch.equal(out[:4], out2[:4])
+
+
+def test_public_function_runs_the_triton_kernel_when_asked(monkeypatch):
+    calls = []
+    kernel = attention.varlen_attention
+    monkeypatch.setattr(attention, "varlen_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    monkeypatch.setenv("FINEVIT_KERNELS", "triton")
+    low, masters, _, cu, cos, sin = make_inputs([5, 8], 2, 32, 32, torch.float32)
+    out = K.varlen_attention(*low, cu, 8, cos=cos, sin=sin)
+    assert calls == [1]
+    torch.testing.assert_close(out.double(), reference.varlen_attention(*masters, cu, 8, cos=cos, sin=sin), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="cu_seqlens must end at total_tokens"):
+        K.varlen_attention(*low, torch.tensor([0, 5, 12], dtype=torch.int32), 8)  # validated before any kernel
+
+
+def test_attention_ops_have_fake_implementations_for_torch_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(10, 2, 72, dtype=torch.float16)
+        cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+        o, lse = torch.ops.finevit.varlen_attention_fwd(q, q, q, cu, 6, None, None, 0.1)
+        dq, dk, dv = torch.ops.finevit.varlen_attention_bwd(o, q, q, q, o, lse, cu, 6, None, None, 0.1)
+    assert o.shape == q.shape and o.dtype == q.dtype
+    assert lse.shape == (2, 10) and lse.dtype == torch.float32
+    assert dq.shape == dk.shape == dv.shape == q.shape
+
+
+@pytest.mark.parametrize(
+    "head_dim, expected", [(32, 32), (64, 64), (72, 80), (80, 80), (88, 96), (96, 96), (128, 128), (256, 256)]
+)
+def test_split_head_dim_wastes_less_than_rounding_to_a_multiple_of_32(head_dim, expected):
+    assert attention.matmul_channels(head_dim, head_dim) == expected
+    assert attention.matmul_channels(head_dim, 0) == expected
+
+
+def test_every_head_dim_and_rotary_dim_has_a_valid_chunk_plan():
+    for head_dim in range(32, 257, 8):
+        for rotary_dim in {0, head_dim, head_dim // 2 // 2 * 2, 8}:
+            plan = attention._chunk_plan(head_dim, rotary_dim)
+            covered = {}
+            for i in range(attention.NUM_QK_CHUNKS):
+                real, width = plan[f"QK{i}_REAL"], plan[f"QK{i}_WIDTH"]
+                assert width >= 16 and width & (width - 1) == 0
+                if plan[f"QK{i}_ROT"]:
+                    assert 2 * real <= width
+                    for j in range(real):
+                        pair = plan[f"QK{i}_START"] + j
+                        covered[pair] = covered.get(pair, 0) + 1
+                        covered[plan["ROT_HALF"] + pair] = covered.get(plan["ROT_HALF"] + pair, 0) + 1
+                else:
+                    assert real <= width
+                    for j in range(real):
+                        covered[plan[f"QK{i}_START"] + j] = covered.get(plan[f"QK{i}_START"] + j, 0) + 1
+            assert covered == {c: 1 for c in range(head_dim)}, (head_dim, rotary_dim)
+            assert attention.matmul_channels(head_dim, rotary_dim) <= -(-head_dim // 32) * 32 + 16
