@@ -96,10 +96,11 @@ def _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(X, stride_x_tok, tok, mask_tok, COS, SIN, stride_cs_tok,
+def _load_chunk(X, stride_x_tok, rows, mask_rows, COS, SIN, stride_cs_tok,
                 ROT_HALF: tl.constexpr, ROTARY: tl.constexpr, START: tl.constexpr, REAL: tl.constexpr,
                 WIDTH: tl.constexpr):
-    """One (len(tok), WIDTH) channel chunk of X's rows `tok` (int64 token indices), in X's dtype.
+    """One (len(rows), WIDTH) channel chunk of X's `rows` (int32 offsets from the sequence's first token,
+    whose address is already folded into X, COS and SIN), in X's dtype.
 
     ROTARY: the chunk holds REAL rotate-half pairs from pair START (x1 channels START.., x2 channels
     ROT_HALF + START..), rotated by cos/sin and interleaved as [x1'0, x2'0, x1'1, x2'1, ...].
@@ -107,41 +108,41 @@ def _load_chunk(X, stride_x_tok, tok, mask_tok, COS, SIN, stride_cs_tok,
     """
     if ROTARY:
         offs = tl.arange(0, WIDTH // 2)
-        mask = mask_tok[:, None] & (offs < REAL)[None, :]
-        ptr = X + tok[:, None] * stride_x_tok + START + offs[None, :]
+        mask = mask_rows[:, None] & (offs < REAL)[None, :]
+        ptr = X + rows[:, None] * stride_x_tok + START + offs[None, :]
         x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(ptr + ROT_HALF, mask=mask, other=0.0).to(tl.float32)
-        cs = tok[:, None] * stride_cs_tok + START + offs[None, :]
+        cs = rows[:, None] * stride_cs_tok + START + offs[None, :]
         cos = tl.load(COS + cs, mask=mask, other=1.0)
         sin = tl.load(SIN + cs, mask=mask, other=0.0)
         rotated = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)  # (N, WIDTH / 2, 2)
-        return tl.reshape(rotated, (tok.shape[0], WIDTH)).to(X.dtype.element_ty)
+        return tl.reshape(rotated, (rows.shape[0], WIDTH)).to(X.dtype.element_ty)
     else:
         offs = tl.arange(0, WIDTH)
-        mask = mask_tok[:, None] & (offs < REAL)[None, :]
-        return tl.load(X + tok[:, None] * stride_x_tok + START + offs[None, :], mask=mask, other=0.0)
+        mask = mask_rows[:, None] & (offs < REAL)[None, :]
+        return tl.load(X + rows[:, None] * stride_x_tok + START + offs[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_chunk(X, stride_x_tok, tok, mask_tok, value, COS, SIN, stride_cs_tok,
+def _store_chunk(X, stride_x_tok, rows, mask_rows, value, COS, SIN, stride_cs_tok,
                  ROT_HALF: tl.constexpr, ROTARY: tl.constexpr, START: tl.constexpr, REAL: tl.constexpr,
                  WIDTH: tl.constexpr):
     """Store a float32 chunk laid out as `_load_chunk` loads it; rotary chunks are rotated back
     (the conjugate rotation: the gradient w.r.t. the unrotated input) before the store."""
     if ROTARY:
         offs = tl.arange(0, WIDTH // 2)
-        mask = mask_tok[:, None] & (offs < REAL)[None, :]
-        g1, g2 = tl.split(tl.reshape(value, (tok.shape[0], WIDTH // 2, 2)))
-        cs = tok[:, None] * stride_cs_tok + START + offs[None, :]
+        mask = mask_rows[:, None] & (offs < REAL)[None, :]
+        g1, g2 = tl.split(tl.reshape(value, (rows.shape[0], WIDTH // 2, 2)))
+        cs = rows[:, None] * stride_cs_tok + START + offs[None, :]
         cos = tl.load(COS + cs, mask=mask, other=1.0)
         sin = tl.load(SIN + cs, mask=mask, other=0.0)
-        ptr = X + tok[:, None] * stride_x_tok + START + offs[None, :]
+        ptr = X + rows[:, None] * stride_x_tok + START + offs[None, :]
         tl.store(ptr, (g1 * cos + g2 * sin).to(X.dtype.element_ty), mask=mask)
         tl.store(ptr + ROT_HALF, (g2 * cos - g1 * sin).to(X.dtype.element_ty), mask=mask)
     else:
         offs = tl.arange(0, WIDTH)
-        mask = mask_tok[:, None] & (offs < REAL)[None, :]
-        tl.store(X + tok[:, None] * stride_x_tok + START + offs[None, :], value.to(X.dtype.element_ty), mask=mask)
+        mask = mask_rows[:, None] & (offs < REAL)[None, :]
+        tl.store(X + rows[:, None] * stride_x_tok + START + offs[None, :], value.to(X.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,24 +177,27 @@ def _attn_fwd_kernel(
     valid, seq_start, seqlen, block = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_M)
     if not valid:
         return
+    # Fold the (int64) sequence start and head into the base pointers: tile offsets stay int32.
     head = tl.program_id(1).to(tl.int64)
-    Q += head * stride_q_head
-    K += head * stride_k_head
-    V += head * stride_v_head
-    O += head * stride_o_head
+    Q += head * stride_q_head + seq_start * stride_q_tok
+    K += head * stride_k_head + seq_start * stride_k_tok
+    V += head * stride_v_head + seq_start * stride_v_tok
+    O += head * stride_o_head + seq_start * stride_o_tok
+    LSE += head * total_tokens + seq_start
+    COS += seq_start * stride_cs_tok
+    SIN += seq_start * stride_cs_tok
 
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seqlen
-    tok_m = seq_start + offs_m  # int64 token indices
 
     # q chunks: rotated as they are loaded, kept in registers for the whole k loop.
-    q0 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     if QK1_REAL > 0:
-        q1 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
     if QK2_REAL > 0:
-        q2 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
     if QK3_REAL > 0:
-        q3 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -206,17 +210,16 @@ def _attn_fwd_kernel(
     for start_n in range(0, seqlen, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < seqlen
-        tok_n = seq_start + offs_n
-        k0 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+        k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
         if QK1_REAL > 0:
-            k1 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+            k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
         if QK2_REAL > 0:
-            k2 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+            k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
             s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
         if QK3_REAL > 0:
-            k3 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+            k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
             s += tl.dot(q3, tl.trans(k3), input_precision=DOT_PRECISION)
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
 
@@ -227,22 +230,22 @@ def _attn_fwd_kernel(
         m_i = m_new
         p = p.to(V.dtype.element_ty)
 
-        v0 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+        v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
         acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
         if V1_REAL > 0:
-            v1 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+            v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
             acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         if V2_REAL > 0:
-            v2 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+            v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
             acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
 
     inv_l = 1.0 / l_i
-    _store_chunk(O, stride_o_tok, tok_m, mask_m, acc0 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+    _store_chunk(O, stride_o_tok, offs_m, mask_m, acc0 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
     if V1_REAL > 0:
-        _store_chunk(O, stride_o_tok, tok_m, mask_m, acc1 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+        _store_chunk(O, stride_o_tok, offs_m, mask_m, acc1 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
     if V2_REAL > 0:
-        _store_chunk(O, stride_o_tok, tok_m, mask_m, acc2 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
-    tl.store(LSE + head * total_tokens + tok_m, m_i + tl.math.log2(l_i), mask=mask_m)
+        _store_chunk(O, stride_o_tok, offs_m, mask_m, acc2 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+    tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -295,67 +298,67 @@ def _attn_bwd_dkdv_kernel(
     if not valid:
         return
     head = tl.program_id(1).to(tl.int64)
-    Q += head * stride_q_head
-    K += head * stride_k_head
-    V += head * stride_v_head
-    DO += head * stride_do_head
-    DK += head * stride_dk_head
-    DV += head * stride_dv_head
-    LSE += head * total_tokens
-    DELTA += head * total_tokens
+    Q += head * stride_q_head + seq_start * stride_q_tok
+    K += head * stride_k_head + seq_start * stride_k_tok
+    V += head * stride_v_head + seq_start * stride_v_tok
+    DO += head * stride_do_head + seq_start * stride_do_tok
+    DK += head * stride_dk_head + seq_start * stride_dk_tok
+    DV += head * stride_dv_head + seq_start * stride_dv_tok
+    LSE += head * total_tokens + seq_start
+    DELTA += head * total_tokens + seq_start
+    COS += seq_start * stride_cs_tok
+    SIN += seq_start * stride_cs_tok
 
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < seqlen
-    tok_n = seq_start + offs_n
-    k0 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     dk0 = tl.zeros([BLOCK_N, QK0_WIDTH], dtype=tl.float32)
     if QK1_REAL > 0:
-        k1 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
         dk1 = tl.zeros([BLOCK_N, QK1_WIDTH], dtype=tl.float32)
     if QK2_REAL > 0:
-        k2 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
         dk2 = tl.zeros([BLOCK_N, QK2_WIDTH], dtype=tl.float32)
     if QK3_REAL > 0:
-        k3 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
         dk3 = tl.zeros([BLOCK_N, QK3_WIDTH], dtype=tl.float32)
-    v0 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+    v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
     dv0 = tl.zeros([BLOCK_N, V0_WIDTH], dtype=tl.float32)
     if V1_REAL > 0:
-        v1 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+        v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
         dv1 = tl.zeros([BLOCK_N, V1_WIDTH], dtype=tl.float32)
     if V2_REAL > 0:
-        v2 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+        v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
         dv2 = tl.zeros([BLOCK_N, V2_WIDTH], dtype=tl.float32)
 
     for start_m in range(0, seqlen, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < seqlen
-        tok_m = seq_start + offs_m
         # Work transposed, (BLOCK_N, BLOCK_M): kᵀ-major tiles feed dK and dV without transposing p.
-        q0 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+        q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
         s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
         if QK1_REAL > 0:
-            q1 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+            q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
             s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
         if QK2_REAL > 0:
-            q2 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+            q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
             s_t += tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION)
         if QK3_REAL > 0:
-            q3 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+            q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
             s_t += tl.dot(k3, tl.trans(q3), input_precision=DOT_PRECISION)
-        lse = tl.load(LSE + tok_m, mask=mask_m, other=float("inf"))  # +inf: padded q rows get p = 0
-        delta = tl.load(DELTA + tok_m, mask=mask_m, other=0.0)
+        lse = tl.load(LSE + offs_m, mask=mask_m, other=float("inf"))  # +inf: padded q rows get p = 0
+        delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
 
-        do0 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+        do0 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
         dv0 += tl.dot(p_t.to(DO.dtype.element_ty), do0, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PRECISION)
         if V1_REAL > 0:
-            do1 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+            do1 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
             dv1 += tl.dot(p_t.to(DO.dtype.element_ty), do1, input_precision=DOT_PRECISION)
             dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PRECISION)
         if V2_REAL > 0:
-            do2 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+            do2 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
             dv2 += tl.dot(p_t.to(DO.dtype.element_ty), do2, input_precision=DOT_PRECISION)
             dp_t += tl.dot(v2, tl.trans(do2), input_precision=DOT_PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
@@ -368,18 +371,18 @@ def _attn_bwd_dkdv_kernel(
         if QK3_REAL > 0:
             dk3 += tl.dot(ds_t, q3, input_precision=DOT_PRECISION)
 
-    _store_chunk(DK, stride_dk_tok, tok_n, mask_n, dk0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    _store_chunk(DK, stride_dk_tok, offs_n, mask_n, dk0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     if QK1_REAL > 0:
-        _store_chunk(DK, stride_dk_tok, tok_n, mask_n, dk1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        _store_chunk(DK, stride_dk_tok, offs_n, mask_n, dk1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
     if QK2_REAL > 0:
-        _store_chunk(DK, stride_dk_tok, tok_n, mask_n, dk2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        _store_chunk(DK, stride_dk_tok, offs_n, mask_n, dk2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
     if QK3_REAL > 0:
-        _store_chunk(DK, stride_dk_tok, tok_n, mask_n, dk3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
-    _store_chunk(DV, stride_dv_tok, tok_n, mask_n, dv0, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+        _store_chunk(DK, stride_dk_tok, offs_n, mask_n, dk3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+    _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv0, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
     if V1_REAL > 0:
-        _store_chunk(DV, stride_dv_tok, tok_n, mask_n, dv1, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+        _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv1, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
     if V2_REAL > 0:
-        _store_chunk(DV, stride_dv_tok, tok_n, mask_n, dv2, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+        _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv2, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
 
 
 @triton.jit
@@ -409,59 +412,61 @@ def _attn_bwd_dq_kernel(
     if not valid:
         return
     head = tl.program_id(1).to(tl.int64)
-    Q += head * stride_q_head
-    K += head * stride_k_head
-    V += head * stride_v_head
-    DO += head * stride_do_head
-    DQ += head * stride_dq_head
+    Q += head * stride_q_head + seq_start * stride_q_tok
+    K += head * stride_k_head + seq_start * stride_k_tok
+    V += head * stride_v_head + seq_start * stride_v_tok
+    DO += head * stride_do_head + seq_start * stride_do_tok
+    DQ += head * stride_dq_head + seq_start * stride_dq_tok
+    LSE += head * total_tokens + seq_start
+    DELTA += head * total_tokens + seq_start
+    COS += seq_start * stride_cs_tok
+    SIN += seq_start * stride_cs_tok
 
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seqlen
-    tok_m = seq_start + offs_m
-    q0 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     dq0 = tl.zeros([BLOCK_M, QK0_WIDTH], dtype=tl.float32)
     if QK1_REAL > 0:
-        q1 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
         dq1 = tl.zeros([BLOCK_M, QK1_WIDTH], dtype=tl.float32)
     if QK2_REAL > 0:
-        q2 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
         dq2 = tl.zeros([BLOCK_M, QK2_WIDTH], dtype=tl.float32)
     if QK3_REAL > 0:
-        q3 = _load_chunk(Q, stride_q_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
         dq3 = tl.zeros([BLOCK_M, QK3_WIDTH], dtype=tl.float32)
-    do0 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+    do0 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
     if V1_REAL > 0:
-        do1 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+        do1 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
     if V2_REAL > 0:
-        do2 = _load_chunk(DO, stride_do_tok, tok_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
-    lse = tl.load(LSE + head * total_tokens + tok_m, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + head * total_tokens + tok_m, mask=mask_m, other=0.0)
+        do2 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+    lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
 
     for start_n in range(0, seqlen, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < seqlen
-        tok_n = seq_start + offs_n
-        k0 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+        k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
         if QK1_REAL > 0:
-            k1 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+            k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
         if QK2_REAL > 0:
-            k2 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+            k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
             s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
         if QK3_REAL > 0:
-            k3 = _load_chunk(K, stride_k_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+            k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
             s += tl.dot(q3, tl.trans(k3), input_precision=DOT_PRECISION)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
 
-        v0 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+        v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PRECISION)
         if V1_REAL > 0:
-            v1 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+            v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
             dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PRECISION)
         if V2_REAL > 0:
-            v2 = _load_chunk(V, stride_v_tok, tok_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+            v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
             dp += tl.dot(do2, tl.trans(v2), input_precision=DOT_PRECISION)
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
 
@@ -473,13 +478,13 @@ def _attn_bwd_dq_kernel(
         if QK3_REAL > 0:
             dq3 += tl.dot(ds, k3, input_precision=DOT_PRECISION)
 
-    _store_chunk(DQ, stride_dq_tok, tok_m, mask_m, dq0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    _store_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     if QK1_REAL > 0:
-        _store_chunk(DQ, stride_dq_tok, tok_m, mask_m, dq1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        _store_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
     if QK2_REAL > 0:
-        _store_chunk(DQ, stride_dq_tok, tok_m, mask_m, dq2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        _store_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
     if QK3_REAL > 0:
-        _store_chunk(DQ, stride_dq_tok, tok_m, mask_m, dq3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        _store_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
 
 
 # ----------------------------------------------------------------------------------------------------
