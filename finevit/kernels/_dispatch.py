@@ -17,8 +17,7 @@ import torch
 
 from . import reference
 
-# Op name -> "module:function" of its Triton implementation, imported on first use (so that
-# TRITON_INTERPRET may be set after `import finevit.kernels`). Kernel modules add their entry here.
+# Op name -> "module:function" of its Triton implementation. Kernel modules add their entry here.
 TRITON_IMPLEMENTATIONS: dict[str, str] = {
     "apply_rope": ".rope:apply_rope",
     "varlen_attention": ".attention:varlen_attention",
@@ -41,8 +40,17 @@ def triton_can_run_on(device: torch.device) -> bool:
 
 
 def _load(path: str) -> Callable:
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module, package=__package__), name)
+    if path not in _LOADED:
+        module, name = path.split(":")
+        _LOADED[path] = getattr(importlib.import_module(module, package=__package__), name)
+    return _LOADED[path]
+
+
+# Kernel modules are imported with finevit.kernels, so that torch.compile never traces an import
+# (Dynamo refuses importlib); set TRITON_INTERPRET=1 before importing finevit.kernels to interpret them.
+_LOADED: dict[str, Callable] = {}
+for _path in TRITON_IMPLEMENTATIONS.values():
+    _load(_path)
 
 
 def implementation(op: str, device: torch.device) -> Callable:

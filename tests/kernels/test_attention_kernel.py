@@ -141,13 +141,13 @@ def test_attention_does_not_attend_across_sequences():
 
 
 def test_public_function_runs_the_triton_kernel_when_asked(monkeypatch):
-    calls = []
-    kernel = attention.varlen_attention
-    monkeypatch.setattr(attention, "varlen_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    launches = []
+    launch = attention._launch
+    monkeypatch.setattr(attention, "_launch", lambda tuned, plain, *a, **kw: launches.append(plain.__name__) or launch(tuned, plain, *a, **kw))
     monkeypatch.setenv("FINEVIT_KERNELS", "triton")
     low, masters, _, cu, cos, sin = make_inputs([5, 8], 2, 32, 32, torch.float32)
     out = K.varlen_attention(*low, cu, 8, cos=cos, sin=sin)
-    assert calls == [1]
+    assert launches == ["_attn_fwd_kernel"]
     torch.testing.assert_close(out.double(), reference.varlen_attention(*masters, cu, 8, cos=cos, sin=sin), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="cu_seqlens must end at total_tokens"):
         K.varlen_attention(*low, torch.tensor([0, 5, 12], dtype=torch.int32), 8)  # validated before any kernel

@@ -1,0 +1,251 @@
+"""Standalone rotary embedding (rotate-half RoPE) as one Triton kernel, forward and backward.
+
+Shapes and layout:
+    x:        (total_tokens, num_heads, head_dim), fp16 / bf16 / fp32 (fp64 works too, computed in fp64).
+              The channel dim must be contiguous; the token and head strides are arbitrary, so x may be a
+              view of a fused projection, e.g. `qkv.view(T, 3, H, D).unbind(1)[0]`. Stride 0 is fine.
+    cos, sin: float32 (total_tokens, r // 2) with even r <= head_dim, channel dim contiguous, any row stride.
+    output:   a new contiguous tensor of x's shape and dtype; x is never written.
+
+Forward (rotate-half on the first r channels, the rest copied through; fp32 math, cast back on store):
+    x1 = x[..., :r/2], x2 = x[..., r/2:r]
+    x1' = x1·cos − x2·sin
+    x2' = x2·cos + x1·sin
+Backward: the output is linear in x with the rotation [[cos, −sin], [sin, cos]] as its Jacobian, so the
+gradient w.r.t. x is the transposed (conjugate) rotation of the incoming gradient, i.e. the same kernel
+with sin -> −sin (`CONJUGATE=True`):
+    dx1 = dy1·cos + dy2·sin
+    dx2 = dy2·cos − dy1·sin
+The incoming gradient's token/head strides are honoured (`out.sum()` hands over stride 0 everywhere); one
+whose channel dim is not contiguous is copied to a contiguous tensor first.
+The gradient w.r.t. cos and sin (rarely needed: tables are usually built from integer positions) is a
+reduction over heads done with torch ops, and only when cos or sin requires grad.
+
+Semantics are Qwen2-VL's `apply_rotary_pos_emb_vision` with its duplicated cos/sin halves removed (see
+`finevit.kernels.reference.apply_rope`); the one-kernel-with-a-CONJUGATE-flag design follows
+flash-attention's `flash_attn/ops/triton/rotary.py`. Unlike that kernel, one program rotates a tile of
+BLOCK_T tokens × BLOCK_H heads, so each cos/sin row is loaded once and reused by every head of the tile.
+
+The kernel is bandwidth-bound (read x once, write the output once, cos/sin amortized over heads), so the
+tile sizes come from a fixed heuristic rather than autotuning: the tile holds ~4K rotated elements, which
+keeps 4 warps busy with vectorized loads while the tile shape depends only on (num_heads, head_dim), never
+on the token count, so ragged batches under torch.compile reuse one compiled kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_kernel(
+    # pointers
+    X,
+    COS,
+    SIN,
+    OUT,
+    # sizes
+    num_tokens,
+    num_heads,
+    # strides, in elements (the channel dim is contiguous everywhere)
+    stride_x_tok,
+    stride_x_head,
+    stride_out_tok,
+    stride_out_head,
+    stride_cos_tok,
+    stride_sin_tok,
+    # constexprs: tile shapes must be compile-time powers of two (tl.arange), and ROTARY_HALF / HEAD_DIM /
+    # CONJUGATE fix offsets and signs that the compiler folds into the address and FMA code
+    ROTARY_HALF: tl.constexpr,  # r / 2: channel j pairs with channel j + r/2
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # tokens per program
+    BLOCK_H: tl.constexpr,  # heads per program (all share the tile's cos/sin rows)
+    BLOCK_HALF: tl.constexpr,  # next power of two >= ROTARY_HALF
+    BLOCK_PASS: tl.constexpr,  # next power of two >= HEAD_DIM - 2·ROTARY_HALF, 0 when nothing passes through
+    CONJUGATE: tl.constexpr,  # rotate by −angle (the backward)
+):
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    # int64 token index: tokens × stride_x_tok passes 2^31 for large packed batches of fused qkv views.
+    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_j = tl.arange(0, BLOCK_HALF)
+    mask_t = offs_t < num_tokens
+    mask_h = offs_h < num_heads
+    mask_j = offs_j < ROTARY_HALF
+
+    # cos/sin rows of the tile's tokens, (BLOCK_T, BLOCK_HALF); masked lanes rotate by the identity.
+    cs_mask = mask_t[:, None] & mask_j[None, :]
+    cos = tl.load(COS + offs_t[:, None] * stride_cos_tok + offs_j[None, :], mask=cs_mask, other=1.0)
+    sin = tl.load(SIN + offs_t[:, None] * stride_sin_tok + offs_j[None, :], mask=cs_mask, other=0.0)
+    if CONJUGATE:
+        sin = -sin
+    cos = cos[:, None, :]  # (BLOCK_T, 1, BLOCK_HALF), broadcast over heads
+    sin = sin[:, None, :]
+
+    # (BLOCK_T, BLOCK_H, 1) row starts of every (token, head) of the tile
+    x_rows = X + offs_t[:, None, None] * stride_x_tok + offs_h[None, :, None] * stride_x_head
+    out_rows = OUT + offs_t[:, None, None] * stride_out_tok + offs_h[None, :, None] * stride_out_head
+    rows_mask = mask_t[:, None, None] & mask_h[None, :, None]
+
+    # The two rotate-half halves, (BLOCK_T, BLOCK_H, BLOCK_HALF). Multiplying by the fp32 tables promotes
+    # fp16/bf16 to fp32 (fp64 stays fp64), so all the math is done in at least fp32.
+    mask = rows_mask & mask_j[None, None, :]
+    x1 = tl.load(x_rows + offs_j[None, None, :], mask=mask, other=0.0)
+    x2 = tl.load(x_rows + ROTARY_HALF + offs_j[None, None, :], mask=mask, other=0.0)
+    out1 = x1 * cos - x2 * sin
+    out2 = x2 * cos + x1 * sin
+    tl.store(out_rows + offs_j[None, None, :], out1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out_rows + ROTARY_HALF + offs_j[None, None, :], out2.to(OUT.dtype.element_ty), mask=mask)
+
+    # Channels [r, head_dim) are copied through bit for bit.
+    if BLOCK_PASS > 0:
+        offs_p = 2 * ROTARY_HALF + tl.arange(0, BLOCK_PASS)
+        pass_mask = rows_mask & (offs_p < HEAD_DIM)[None, None, :]
+        rest = tl.load(x_rows + offs_p[None, None, :], mask=pass_mask)
+        tl.store(out_rows + offs_p[None, None, :], rest, mask=pass_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+_ROTATED_ELEMENTS_PER_PROGRAM = 2048  # pairs per tile (×2 channels ≈ 4K elements): 32 per thread at 4 warps
+_MAX_BLOCK_H = 16
+
+
+def _block_sizes(num_heads: int, head_dim: int, rotary_half: int) -> dict[str, int]:
+    """Tile shape from (num_heads, head_dim, r/2) only, so the token count never triggers a recompile."""
+    block_half = triton.next_power_of_2(rotary_half)
+    num_pass = head_dim - 2 * rotary_half
+    block_h = min(triton.next_power_of_2(num_heads), _MAX_BLOCK_H)
+    block_t = max(1, _ROTATED_ELEMENTS_PER_PROGRAM // (block_h * block_half))
+    return {
+        "BLOCK_T": block_t,
+        "BLOCK_H": block_h,
+        "BLOCK_HALF": block_half,
+        "BLOCK_PASS": triton.next_power_of_2(num_pass) if num_pass > 0 else 0,
+    }
+
+
+def rope_fwd(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    conjugate: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotates x (T, H, D) by the angles of cos/sin (T, r/2) — by their negatives with `conjugate` — into
+    `out` (any (T, H, D) tensor of x's dtype with a contiguous channel dim, not overlapping x), by default
+    a new contiguous tensor. Asserts the layout contract of the module docstring; no host syncs."""
+    assert x.ndim == 3 and x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64), (
+        f"x must be a (T, H, D) float tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    total_tokens, num_heads, head_dim = x.shape
+    rotary_half = cos.shape[-1]
+    assert cos.dtype == sin.dtype == torch.float32, f"cos/sin must be float32, got {cos.dtype}, {sin.dtype}"
+    assert cos.shape == sin.shape == (total_tokens, rotary_half), (
+        f"cos/sin must be (T={total_tokens}, r/2), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    assert 1 <= rotary_half and 2 * rotary_half <= head_dim, f"r/2={rotary_half} does not fit head_dim={head_dim}"
+    assert x.stride(-1) == 1, f"x's channel dim must be contiguous, got strides {x.stride()}"
+    assert rotary_half == 1 or cos.stride(-1) == sin.stride(-1) == 1, "cos/sin's channel dim must be contiguous"
+
+    if out is None:
+        out = torch.empty((total_tokens, num_heads, head_dim), dtype=x.dtype, device=x.device)
+    assert out.shape == x.shape and out.dtype == x.dtype and out.stride(-1) == 1, (
+        f"out must be a {tuple(x.shape)} {x.dtype} tensor with a contiguous channel dim, got "
+        f"{out.dtype} of shape {tuple(out.shape)}, strides {out.stride()}")
+    if out.numel() == 0:
+        return out
+    blocks = _block_sizes(num_heads, head_dim, rotary_half)
+    grid = (triton.cdiv(total_tokens, blocks["BLOCK_T"]), triton.cdiv(num_heads, blocks["BLOCK_H"]))
+    wrap_triton(_rope_kernel)[grid](
+        x, cos, sin, out,
+        total_tokens, num_heads,
+        x.stride(0), x.stride(1),
+        out.stride(0), out.stride(1),
+        cos.stride(0), sin.stride(0),
+        ROTARY_HALF=rotary_half,
+        HEAD_DIM=head_dim,
+        CONJUGATE=conjugate,
+        num_warps=4,
+        **blocks,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library registration (eager, torch.compile, FakeTensor) and autograd
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton_op("finevit::apply_rope", mutates_args=())
+def _apply_rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool) -> torch.Tensor:
+    return rope_fwd(x, cos, sin, conjugate=conjugate)
+
+
+@_apply_rope_op.register_fake
+def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, cos, sin, conjugate = inputs
+    ctx.conjugate = conjugate
+    # x is needed only for the (rare) gradient w.r.t. the tables.
+    tables_need_grad = cos.requires_grad or sin.requires_grad
+    ctx.save_for_backward(cos, sin, x if tables_need_grad else None)
+
+
+def _backward(ctx, grad_out: torch.Tensor):
+    cos, sin, x = ctx.saved_tensors
+    grad_x = grad_cos = grad_sin = None
+    if ctx.needs_input_grad[0]:
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        # The backward of a rotation is the opposite rotation: the same op with the flag flipped (so it is
+        # itself differentiable, for double backward).
+        grad_x = _apply_rope_op(grad_out, cos, sin, not ctx.conjugate)
+    if x is not None:
+        # y1 = x1·cos − s·x2·sin, y2 = x2·cos + s·x1·sin with s = ±1: reduce over heads.
+        half = cos.shape[-1]
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        g1, g2 = grad_out[..., :half].to(compute), grad_out[..., half : 2 * half].to(compute)  # (T, H, r/2)
+        x1, x2 = x[..., :half].to(compute), x[..., half : 2 * half].to(compute)
+        sign = -1.0 if ctx.conjugate else 1.0
+        grad_cos = (g1 * x1 + g2 * x2).sum(dim=1).to(cos.dtype)  # (T, r/2)
+        grad_sin = (sign * (g2 * x1 - g1 * x2)).sum(dim=1).to(sin.dtype)
+    return grad_x, grad_cos, grad_sin, None
+
+
+_apply_rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of x with a Triton kernel, differentiable w.r.t. x (and cos, sin).
+
+    Arguments:
+        x: (total_tokens, num_heads, head_dim), fp16 / bf16 / fp32, channel dim contiguous; token and head
+            strides are free (a view of a fused (T, 3, H, D) qkv projection works without a copy).
+        cos, sin: float32 (total_tokens, rotary_dim // 2) with even rotary_dim <= head_dim, channel dim
+            contiguous; build them with `finevit.kernels.rope_2d_cos_sin` / `rope_1d_cos_sin`.
+    Returns:
+        A new contiguous (total_tokens, num_heads, head_dim) tensor in x's dtype: with r = rotary_dim,
+        x1 = x[..., :r/2], x2 = x[..., r/2:r], it holds x1·cos − x2·sin, x2·cos + x1·sin, then x[..., r:]
+        unchanged. Computed in fp32. The backward is the conjugate rotation (sin -> −sin).
+
+    Inputs are assumed checked (`finevit.kernels.apply_rope` checks them, then dispatches here).
+    """
+    return _apply_rope_op(x, cos, sin, False)
