@@ -194,3 +194,20 @@ def test_every_head_dim_and_rotary_dim_has_a_valid_chunk_plan():
                         covered[plan[f"QK{i}_START"] + j] = covered.get(plan[f"QK{i}_START"] + j, 0) + 1
             assert covered == {c: 1 for c in range(head_dim)}, (head_dim, rotary_dim)
             assert attention.matmul_channels(head_dim, rotary_dim) <= -(-head_dim // 32) * 32 + 16
+
+
+@pytest.mark.gpu
+def test_attention_compiles_with_fullgraph_and_matches_eager(monkeypatch):
+    monkeypatch.setenv("FINEVIT_KERNELS", "triton")
+    low, _, _, cu, cos, sin = make_inputs([5, 19, 64], 2, 72, 72, torch.bfloat16)
+    compiled = torch.compile(lambda q, k, v: K.varlen_attention(q, k, v, cu, 64, cos=cos, sin=sin), fullgraph=True)
+    out = compiled(*low)
+    out.float().square().sum().backward()
+    grads = [x.grad.clone() for x in low]
+    for x in low:
+        x.grad = None
+    eager = attention.varlen_attention(*low, cu, 64, cos=cos, sin=sin)
+    eager.float().square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    for got, want in zip(grads, (x.grad for x in low)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
