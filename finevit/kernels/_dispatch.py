@@ -21,6 +21,8 @@ from . import reference
 TRITON_IMPLEMENTATIONS: dict[str, str] = {
     "apply_rope": ".rope:apply_rope",
     "varlen_attention": ".attention:varlen_attention",
+    "siglip_loss": ".siglip_loss:siglip_loss",
+    "clip_loss": ".clip_loss:clip_loss",
 }
 
 MODES = ("auto", "reference", "triton")

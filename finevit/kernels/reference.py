@@ -154,7 +154,10 @@ def gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     if group is None:
         return x, 0
     import torch.distributed as dist
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    import torch.distributed._functional_collectives as collectives
+
+    # The autograd all-gather was renamed in torch 2.12; keep working on 2.11.
+    all_gather = getattr(collectives, "all_gather_single_autograd", None) or collectives.all_gather_tensor_autograd
 
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     size = torch.tensor([x.shape[0]], device=x.device)
@@ -162,7 +165,7 @@ def gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     dist.all_gather(sizes, size, group=group)
     sizes = [int(s) for s in sizes]
     padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
-    shards = all_gather_tensor_autograd(padded, gather_dim=0, group=group).split(max(sizes))
+    shards = all_gather(padded, gather_dim=0, group=group).split(max(sizes))
     return torch.cat([shard[:n] for shard, n in zip(shards, sizes)]), sum(sizes[:rank])
 
 

@@ -1,4 +1,4 @@
-"""The reference losses with a process group (2 gloo processes on CPU).
+"""The losses with a process group (2 and 3 gloo processes on CPU), reference and Triton (interpreter) paths.
 
 Checks, for SigLIP and CLIP: each rank's loss and its local feature gradients equal open_clip's
 `SigLipLoss(rank, world_size)` / `ClipLoss(local_loss=True, gather_with_grad=True, ...)` on the same
@@ -7,6 +7,7 @@ full batch; and the data-parallel average of logit_scale / logit_bias gradients 
 single-process gradient of the mean per-rank loss (no W× error).
 """
 
+import os
 import socket
 
 import pytest
@@ -17,7 +18,6 @@ import torch.nn.functional as F
 
 import finevit.kernels as K
 
-WORLD_SIZE = 2
 
 
 def free_port() -> int:
@@ -51,59 +51,70 @@ def per_rank_losses_single_process(loss, img, txt, scale, bias, sizes):
     return losses
 
 
-def _worker(rank, port, loss, sizes, use_open_clip):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+def _worker(rank, world_size, port, sizes, use_open_clip, kernels):
+    os.environ["FINEVIT_KERNELS"] = kernels
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        img, txt = global_batch(sizes)
-        start = sum(sizes[:rank])
-        rows = slice(start, start + sizes[rank])
-
-        def leaf(x):
-            return x.clone().requires_grad_()
-
-        scale0, bias0 = torch.tensor(11.0, dtype=torch.float64), torch.tensor(-7.0, dtype=torch.float64)
-        local = [leaf(img[rows]), leaf(txt[rows]), leaf(scale0), leaf(bias0)]
-        if loss == "siglip":
-            ours = K.siglip_loss(*local, group=dist.group.WORLD)
-        else:
-            ours = K.clip_loss(*local[:3], group=dist.group.WORLD)
-        ours.backward()
-        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in local]
-
-        if use_open_clip:  # equal shards: open_clip's own distributed losses on the same data
-            from open_clip.loss import ClipLoss, SigLipLoss
-
-            theirs_in = [leaf(img[rows]), leaf(txt[rows]), leaf(scale0), leaf(bias0)]
-            if loss == "siglip":
-                theirs = SigLipLoss(rank=rank, world_size=WORLD_SIZE)(*theirs_in)
-            else:
-                theirs = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD_SIZE)(
-                    *theirs_in[:3]
-                )
-            theirs.backward()
-            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-            for got, want in zip(grads[:3], theirs_in[:3]):
-                torch.testing.assert_close(got, want.grad, rtol=1e-9, atol=1e-12)
-
-        # Single process over the full batch: the same per-rank loss; feature grads of the summed
-        # per-rank losses; scalar grads of their mean after the data-parallel average.
-        full = [leaf(img), leaf(txt), leaf(scale0), leaf(bias0)]
-        losses = per_rank_losses_single_process(loss, *full, sizes)
-        torch.testing.assert_close(ours, losses[rank], rtol=1e-12, atol=1e-12)
-        feature_grads = torch.autograd.grad(sum(losses), full[:2], retain_graph=True)
-        torch.testing.assert_close(grads[0], feature_grads[0][rows], rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(grads[1], feature_grads[1][rows], rtol=1e-9, atol=1e-12)
-        scalar_grads = torch.autograd.grad(sum(losses) / WORLD_SIZE, full[2:], allow_unused=True)
-        for got, want in zip(grads[2:], scalar_grads):
-            dist.all_reduce(got)  # what data parallelism does to parameter gradients: the average
-            want = torch.zeros_like(got) if want is None else want
-            torch.testing.assert_close(got / WORLD_SIZE, want, rtol=1e-9, atol=1e-12)
+        for loss in ("siglip", "clip"):
+            check_rank(rank, world_size, loss, sizes, use_open_clip)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss", ["siglip", "clip"])
-@pytest.mark.parametrize("sizes, use_open_clip", [([5, 5], True), ([6, 3], False)], ids=["equal", "unequal"])
-def test_distributed_reference_loss_matches_open_clip_and_the_full_batch(loss, sizes, use_open_clip):
-    mp.spawn(_worker, args=(free_port(), loss, sizes, use_open_clip), nprocs=WORLD_SIZE, join=True)
+def check_rank(rank, world_size, loss, sizes, use_open_clip):
+    img, txt = global_batch(sizes)
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+
+    def leaf(x):
+        return x.clone().requires_grad_()
+
+    scale0, bias0 = torch.tensor(11.0, dtype=torch.float64), torch.tensor(-7.0, dtype=torch.float64)
+    low = torch.float32 if os.environ["FINEVIT_KERNELS"] == "triton" else torch.float64
+    local = [leaf(x.to(low)) for x in (img[rows], txt[rows], scale0, bias0)]
+    if loss == "siglip":
+        ours = K.siglip_loss(*local, group=dist.group.WORLD)
+    else:
+        ours = K.clip_loss(*local[:3], group=dist.group.WORLD)
+    ours.backward()
+    grads = [t.grad.double() if t.grad is not None else torch.zeros_like(t, dtype=torch.float64) for t in local]
+    # float64 on the reference path: rounding only; the Triton path runs in float32 (the interpreter).
+    rtol, atol = (1e-9, 1e-12) if low == torch.float64 else (1e-5, 1e-5)
+
+    if use_open_clip:  # equal shards: open_clip's own distributed losses on the same data
+        from open_clip.loss import ClipLoss, SigLipLoss
+
+        theirs_in = [leaf(img[rows]), leaf(txt[rows]), leaf(scale0), leaf(bias0)]
+        if loss == "siglip":
+            theirs = SigLipLoss(rank=rank, world_size=world_size)(*theirs_in)
+        else:
+            theirs = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)(*theirs_in[:3])
+        theirs.backward()
+        torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol)
+        for got, want in zip(grads[:3], theirs_in[:3]):
+            torch.testing.assert_close(got, want.grad, rtol=rtol, atol=atol)
+
+    # Single process over the full batch: the same per-rank loss; feature grads of the summed
+    # per-rank losses; scalar grads of their mean after the data-parallel average.
+    full = [leaf(img), leaf(txt), leaf(scale0), leaf(bias0)]
+    losses = per_rank_losses_single_process(loss, *full, sizes)
+    torch.testing.assert_close(ours.double(), losses[rank], rtol=rtol, atol=atol)
+    feature_grads = torch.autograd.grad(sum(losses), full[:2], retain_graph=True)
+    torch.testing.assert_close(grads[0], feature_grads[0][rows], rtol=rtol, atol=atol)
+    torch.testing.assert_close(grads[1], feature_grads[1][rows], rtol=rtol, atol=atol)
+    scalar_grads = torch.autograd.grad(sum(losses) / world_size, full[2:], allow_unused=True)
+    for got, want in zip(grads[2:], scalar_grads):
+        dist.all_reduce(got)  # what data parallelism does to parameter gradients: the average
+        want = torch.zeros_like(got) if want is None else want
+        torch.testing.assert_close(got / world_size, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "kernels, sizes, use_open_clip",
+    [("reference", [5, 5], True), ("reference", [6, 3], False), ("triton", [5, 5], True), ("triton", [6, 1, 3], False)],
+    ids=["reference-equal", "reference-unequal", "triton-equal", "triton-3-ranks-unequal"],
+)
+def test_distributed_loss_matches_open_clip_and_the_full_batch(kernels, sizes, use_open_clip):
+    world_size = len(sizes)
+    mp.spawn(_worker, args=(world_size, free_port(), sizes, use_open_clip, kernels), nprocs=world_size, join=True)
