@@ -12,9 +12,12 @@ JSON layout (what `render` reads):
     ours, providers {name: text}      the provider the ratios are taken against, then every provider in order
     modes, cases [{case, ...shape}]   timed modes and the exact shapes of every case, in order
     layout {panel, x}                 optional: which case fields make the plot's panels and x axis
-    results [{case, mode, provider, status ("ok" | "skipped" | "failed"), reason, ms, ms_q20, ms_q80,
+    results [{case, mode, provider, status ("ok" | "skipped" | "failed" | "oom"), reason, ms, ms_q20, ms_q80,
               throughput, ceiling_share, ours_ratio, peak_mem_mib, ...}]
-    checks [{name, value, threshold, met, detail}]   optional: the targets of the bench's issue
+    checks [{name, value, threshold, op, met, detail}]   optional: the targets of the bench's issue
+                                      (op: "≥" when absent, or "≤" for a ceiling such as a memory budget)
+    tables [{title, note, header, rows}]   optional: further tables the bench derived from its results,
+                                      rendered as they are after the throughput and memory tables
 
 Timing follows Triton's `do_bench` (L2 flushed before every rep, median and 20/80 % quantiles). Modes:
 `fwd` (forward without autograd graph), `bwd` (one forward kept, its graph retained, backward timed),
@@ -301,7 +304,7 @@ def _cell(record: dict | None, ours: str) -> str:
     if record is None:
         return ""
     if record["status"] != "ok":
-        return "skip" if record["status"] == "skipped" else "fail"
+        return {"skipped": "skip", "oom": "OOM"}.get(record["status"], "fail")
     if record.get("throughput") is None:
         return f"{record['ms']:.3g} ms"
     text = _fmt(record["throughput"])
@@ -365,7 +368,7 @@ def _reasons(payload: dict) -> str:
 
 
 def checks_table(payload: dict) -> str:
-    rows = [[c["name"], _fmt(c.get("value")), f"≥ {_fmt(c['threshold'])}",
+    rows = [[c["name"], _fmt(c.get("value")), f"{c.get('op', '≥')} {_fmt(c['threshold'])}",
              {True: "met", False: "**not met**", None: "not measured"}[c.get("met")], c.get("detail", "")]
             for c in payload.get("checks", [])]
     return _table(["target", "value", "threshold", "status", "detail"], rows) if rows else ""
@@ -406,6 +409,9 @@ def markdown(payload: dict) -> str:
     memory = _memory_tables(payload)
     if memory:
         parts.append("## Memory\n\n" + memory)
+    for table in payload.get("tables", []):
+        note = f"{table['note']}\n\n" if table.get("note") else ""
+        parts.append(f"## {table['title']}\n\n{note}" + _table(table["header"], table["rows"]))
     parts.append("## Cases\n\n" + _table(
         ["case", "shape"],
         [[c["case"], ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("case", "lengths"))]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU evidence in one run: environment, the kernel tests compiled on the GPU (bf16 included), and the
-# attention benchmark. Usage: bash bench/gpu_check.sh [OUT_DIR] [--full]   (OUT_DIR defaults to $OUT or
+# attention and loss benchmarks. Usage: bash bench/gpu_check.sh [OUT_DIR] [--full]   (OUT_DIR defaults to $OUT or
 # bench/results/gpu_check). Writes env.txt, pytest.log / pytest.xml, and the bench JSON/markdown/PNG.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,9 @@ python -m pytest -q tests/kernels -p no:cacheprovider --junitxml="$out/pytest.xm
 tests_rc=${PIPESTATUS[0]}
 
 python bench/attention.py $mode --out "$out" 2>&1 | tee "$out/attention.log"
-bench_rc=${PIPESTATUS[0]}
+attention_rc=${PIPESTATUS[0]}
+python bench/loss.py $mode --out "$out" 2>&1 | tee "$out/loss.log"
+loss_rc=${PIPESTATUS[0]}
 
-echo "tests exit $tests_rc, attention bench exit $bench_rc" | tee -a "$out/env.txt"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "tests exit $tests_rc, attention bench exit $attention_rc, loss bench exit $loss_rc" | tee -a "$out/env.txt"
+[ "$tests_rc" -eq 0 ] && [ "$attention_rc" -eq 0 ] && [ "$loss_rc" -eq 0 ]
