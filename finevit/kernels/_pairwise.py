@@ -24,11 +24,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_sizes() -> dict:
-    """Tiles: owner rows, looped rows, feature chunk. Small under the interpreter (it runs them as numpy)."""
-    if interpreting():
+def launch_options() -> dict:
+    """Tiles (owner rows, looped rows, feature chunk) and warps, passed to every launch.
+
+    64 x 128 x 64 with 8 warps is the largest tile of the four loss kernels that compiles for sm_90 without
+    register spills (ptxas report, bf16); a wider looped tile amortizes the owner's gradient read-modify-write.
+    """
+    if interpreting():  # the interpreter runs a tile as numpy arrays: fewer, larger tiles are faster
         return {"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_D": 64}
-    return {"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_D": 64}
+    return {"BLOCK_A": 64, "BLOCK_B": 128, "BLOCK_D": 64, "num_warps": 8}
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._pairwise import Ring, _accumulate_grad, _dot_tile, block_sizes, ring_backward, ring_forward
+from ._pairwise import Ring, _accumulate_grad, _dot_tile, launch_options, ring_backward, ring_forward
 
 LN2 = 0.6931471805599453
 
@@ -93,9 +93,9 @@ def _row_lse_grad_kernel(
 @triton_op("finevit::row_lse", mutates_args=("lse",))
 def row_lse_shard(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor) -> None:
     """lse (rows of a,) = log2 Σ_j exp(s·a_i·b_j) over the rows j of this shard of b."""
-    blocks = block_sizes()
-    grid = (triton.cdiv(a.shape[0], blocks["BLOCK_A"]),)
-    wrap_triton(_row_lse_kernel)[grid](a, b, scale, lse, a.shape[0], b.shape[0], a.shape[1], a.stride(0), b.stride(0), **blocks)
+    options = launch_options()
+    grid = (triton.cdiv(a.shape[0], options["BLOCK_A"]),)
+    wrap_triton(_row_lse_kernel)[grid](a, b, scale, lse, a.shape[0], b.shape[0], a.shape[1], a.stride(0), b.stride(0), **options)
 
 
 @triton_op("finevit::row_lse_grad", mutates_args=("d_own", "ds"))
@@ -103,11 +103,11 @@ def row_lse_grad_shard(own: torch.Tensor, other: torch.Tensor, scale: torch.Tens
                        coef: torch.Tensor, diag_offset: int, own_is_a: bool, d_own: torch.Tensor,
                        ds: torch.Tensor) -> None:
     """d_own += s·G @ other (G = coef · (softmax_ij − y_ij)), and ds += its row sums when own_is_a."""
-    blocks = block_sizes()
-    grid = (triton.cdiv(own.shape[0], blocks["BLOCK_A"]),)
+    options = launch_options()
+    grid = (triton.cdiv(own.shape[0], options["BLOCK_A"]),)
     wrap_triton(_row_lse_grad_kernel)[grid](
         own, other, d_own, scale, lse, coef, ds, own.shape[0], other.shape[0], own.shape[1],
-        own.stride(0), other.stride(0), d_own.stride(0), diag_offset, OWN_IS_A=own_is_a, **blocks,
+        own.stride(0), other.stride(0), d_own.stride(0), diag_offset, OWN_IS_A=own_is_a, **options,
     )
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._pairwise import Ring, _accumulate_grad, _dot_tile, block_sizes, ring_backward, ring_forward
+from ._pairwise import Ring, _accumulate_grad, _dot_tile, launch_options, ring_backward, ring_forward
 
 
 @triton.jit
@@ -104,11 +104,11 @@ def _siglip_grad_kernel(
 def siglip_rows_loss(x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                      diag_offset: int, row_loss: torch.Tensor) -> None:
     """row_loss (rows of x,) += Σ_j −log σ(y_ij z_ij) over the rows j of this text shard."""
-    blocks = block_sizes()
-    grid = (triton.cdiv(x.shape[0], blocks["BLOCK_A"]),)
+    options = launch_options()
+    grid = (triton.cdiv(x.shape[0], options["BLOCK_A"]),)
     wrap_triton(_siglip_rows_loss_kernel)[grid](
         x, t, scale, bias, row_loss, x.shape[0], t.shape[0], x.shape[1], x.stride(0), t.stride(0), diag_offset,
-        **blocks,
+        **options,
     )
 
 
@@ -117,11 +117,11 @@ def siglip_grad(own: torch.Tensor, other: torch.Tensor, scale: torch.Tensor, bia
                 coef: torch.Tensor, diag_offset: int, own_is_image: bool, d_own: torch.Tensor,
                 ds: torch.Tensor, db: torch.Tensor) -> None:
     """d_own += s·g @ other over this shard (and ds, db += the row sums when own_is_image)."""
-    blocks = block_sizes()
-    grid = (triton.cdiv(own.shape[0], blocks["BLOCK_A"]),)
+    options = launch_options()
+    grid = (triton.cdiv(own.shape[0], options["BLOCK_A"]),)
     wrap_triton(_siglip_grad_kernel)[grid](
         own, other, d_own, scale, bias, coef, ds, db, own.shape[0], other.shape[0], own.shape[1],
-        own.stride(0), other.stride(0), d_own.stride(0), diag_offset, OWN_IS_IMAGE=own_is_image, **blocks,
+        own.stride(0), other.stride(0), d_own.stride(0), diag_offset, OWN_IS_IMAGE=own_is_image, **options,
     )
 
 
