@@ -55,6 +55,27 @@ Outputs = torch.Tensor | Sequence[torch.Tensor]
 # ----------------------------------------------------------------------------------------------------
 
 
+def bench_parser(description: str, providers: Sequence[str], quick_help: str, modes_help: str):
+    """The options every bench script takes; scripts add their own to the returned parser."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default=None, help="output directory (default bench/results/)")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 run on the CPU to check the script")
+    parser.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(providers)}")
+    parser.add_argument("--modes", default=None, help=modes_help)
+    return parser
+
+
+def dispatch_targets(ops: Sequence[str], device: torch.device) -> dict:
+    """Which implementation finevit's dispatch picks for each op on `device` (Triton kernel or reference)."""
+    from finevit.kernels._dispatch import implementation
+
+    return {f"finevit.{op}": f"{fn.__module__}.{fn.__qualname__}"
+            for op in ops for fn in [implementation(op, device)]}
+
+
 def require_cuda(cpu_smoke: bool = False) -> torch.device:
     """The device to benchmark on: CUDA, or the CPU for a `--cpu-smoke` run; without either, exit 0."""
     if cpu_smoke:

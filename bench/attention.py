@@ -77,7 +77,6 @@ import torch.nn.functional as F
 import _harness as harness
 import finevit.kernels as K
 from finevit.kernels import reference
-from finevit.kernels._dispatch import implementation
 from finevit.kernels.utils import packed_token_index
 
 OURS = "finevit"
@@ -492,10 +491,7 @@ def plan(args) -> tuple[list[tuple[Workload, int, int]], list[str], list[str], t
 
 def library_versions(device: torch.device) -> dict:
     """Which code each provider runs: finevit's dispatch targets, varlen_attn's signature, flash-attn's version."""
-    info = {}
-    for op in ("varlen_attention", "apply_rope"):
-        fn = implementation(op, device)
-        info[f"finevit.{op}"] = f"{fn.__module__}.{fn.__qualname__}"
+    info = harness.dispatch_targets(("varlen_attention", "apply_rope"), device)
     try:
         from torch.nn.attention.varlen import varlen_attn
         info["varlen_attn_signature"] = str(inspect.signature(varlen_attn))
@@ -510,12 +506,8 @@ def library_versions(device: torch.device) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a < 3 minute subset (see the module docstring)")
-    parser.add_argument("--out", default=None, help="output directory (default bench/results/)")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 run on the CPU to check the script")
-    parser.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(PROVIDERS)}")
-    parser.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwd+bwd")
+    parser = harness.bench_parser(__doc__.splitlines()[0], PROVIDERS, "a < 3 minute subset (see the module docstring)",
+                                  "comma-separated subset of fwd,bwd,fwd+bwd")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mixed workload and the inputs")
     return parser.parse_args(argv)
 

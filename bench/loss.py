@@ -83,7 +83,6 @@ import torch.nn.functional as F
 import _harness as harness
 import finevit.kernels as K
 from finevit.kernels import reference
-from finevit.kernels._dispatch import implementation
 
 OURS = "finevit"
 LOSSES = ("siglip", "clip")
@@ -597,10 +596,7 @@ def _print_checks(checks: list[dict], smoke: bool) -> None:
 
 def library_versions(device: torch.device) -> dict:
     """Which code each provider runs: finevit's dispatch targets and open_clip's version."""
-    info = {}
-    for op in ("siglip_loss", "clip_loss"):
-        fn = implementation(op, device)
-        info[f"finevit.{op}"] = f"{fn.__module__}.{fn.__qualname__}"
+    info = harness.dispatch_targets(("siglip_loss", "clip_loss"), device)
     try:
         info["open_clip"] = _open_clip_losses()[2]
     except Unavailable as error:
@@ -609,12 +605,8 @@ def library_versions(device: torch.device) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="B up to 65,536 and the probe up to 2^20")
-    parser.add_argument("--out", default=None, help="output directory (default bench/results/)")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 run on the CPU to check the script")
-    parser.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(PROVIDERS)}")
-    parser.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwd+bwd (default fwd,fwd+bwd)")
+    parser = harness.bench_parser(__doc__.splitlines()[0], PROVIDERS, "B up to 65,536 and the probe up to 2^20",
+                                  "comma-separated subset of fwd,bwd,fwd+bwd (default fwd,fwd+bwd)")
     parser.add_argument("--probe-max", type=int, default=None,
                         help=f"largest B the probe tries (default {PROBE_MAX}, --quick {QUICK_PROBE_MAX}; 0: no probe)")
     parser.add_argument("--probe-step-limit-s", type=float, default=150.0,
