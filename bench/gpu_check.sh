@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU evidence in one run: environment, the kernel tests compiled on the GPU (bf16 included), and the
-# attention and loss benchmarks. Usage: bash bench/gpu_check.sh [OUT_DIR] [--full]   (OUT_DIR defaults to $OUT or
-# bench/results/gpu_check). Writes env.txt, pytest.log / pytest.xml, and the bench JSON/markdown/PNG.
+# GPU evidence in one run: environment, the kernel and integration tests compiled on the GPU (bf16
+# included), then every benchmark. Usage: bash bench/gpu_check.sh [OUT_DIR] [--full]
+# (OUT_DIR defaults to $OUT or bench/results/gpu_check). Writes env.txt, pytest.log / pytest.xml, and each
+# bench's JSON / markdown / PNG and log. Exits non-zero when the tests or any bench failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-bench/results/gpu_check}}"
@@ -16,14 +17,18 @@ mkdir -p "$out"
   python -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
 } | tee "$out/env.txt"
 
-# Kernel tests on the GPU: compiled Triton, fp16 / bf16 / fp32, gpu-marked tests included.
-python -m pytest -q tests/kernels -p no:cacheprovider --junitxml="$out/pytest.xml" 2>&1 | tee "$out/pytest.log" | tail -n 15
-tests_rc=${PIPESTATUS[0]}
+python -m pytest -q tests/kernels tests/integrations -p no:cacheprovider --junitxml="$out/pytest.xml" 2>&1 \
+  | tee "$out/pytest.log" | tail -n 15
+rc=${PIPESTATUS[0]}
+status="tests exit $rc"
+failed=$([ "$rc" -eq 0 ] && echo 0 || echo 1)
 
-python bench/attention.py $mode --out "$out" 2>&1 | tee "$out/attention.log"
-attention_rc=${PIPESTATUS[0]}
-python bench/loss.py $mode --out "$out" 2>&1 | tee "$out/loss.log"
-loss_rc=${PIPESTATUS[0]}
+for bench in attention loss patch_embed integrations; do
+  python "bench/$bench.py" $mode --out "$out" 2>&1 | tee "$out/$bench.log"
+  rc=${PIPESTATUS[0]}
+  status="$status, $bench exit $rc"
+  [ "$rc" -eq 0 ] || failed=1
+done
 
-echo "tests exit $tests_rc, attention bench exit $attention_rc, loss bench exit $loss_rc" | tee -a "$out/env.txt"
-[ "$tests_rc" -eq 0 ] && [ "$attention_rc" -eq 0 ] && [ "$loss_rc" -eq 0 ]
+echo "$status" | tee -a "$out/env.txt"
+exit "$failed"

@@ -23,6 +23,7 @@ TRITON_IMPLEMENTATIONS: dict[str, str] = {
     "varlen_attention": ".attention:varlen_attention",
     "siglip_loss": ".siglip_loss:siglip_loss",
     "clip_loss": ".clip_loss:clip_loss",
+    "patch_embed": ".patch_embed:patch_embed",
 }
 
 MODES = ("auto", "reference", "triton")
