@@ -55,6 +55,21 @@ Outputs = torch.Tensor | Sequence[torch.Tensor]
 # ----------------------------------------------------------------------------------------------------
 
 
+def error_reason(error: BaseException) -> str:
+    """One line for a skipped or failed provider: the error type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what a failed or finished provider left behind before the next one runs."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bench_parser(description: str, providers: Sequence[str], quick_help: str, modes_help: str):
     """The options every bench script takes; scripts add their own to the returned parser."""
     import argparse

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import inspect
 import math
 import os
@@ -326,17 +325,6 @@ SMOKE_PROVIDERS = ["finevit", "finevit+rope", "sdpa_math", "torch_varlen", "flex
 # ----------------------------------------------------------------------------------------------------
 
 
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run_provider(name: str, batch: Batch, case: dict, modes: list[str], device: torch.device,
                  ceiling: float, ours_out: torch.Tensor | None) -> tuple[list[dict], torch.Tensor | None]:
     """All modes of one provider on one case -> result records (and its forward output, to compare)."""
@@ -354,8 +342,8 @@ def run_provider(name: str, batch: Batch, case: dict, modes: list[str], device: 
         first_call_s = time.perf_counter() - start
     except Exception as error:  # noqa: BLE001 - any failure to build or run is recorded, not fatal
         status = "skipped" if isinstance(error, Unavailable) else "failed"
-        _free_memory(device)
-        return [{**base, "mode": mode, "status": status, "reason": _reason(error)} for mode in modes], None
+        harness.free_memory(device)
+        return [{**base, "mode": mode, "status": status, "reason": harness.error_reason(error)} for mode in modes], None
     base["first_call_s"] = first_call_s
     if provider.attention and ours_out is not None and name != OURS:
         diff = (out.float() - ours_out.float()).abs().max() / ours_out.float().abs().max().clamp_min(1e-30)
@@ -368,8 +356,8 @@ def run_provider(name: str, batch: Batch, case: dict, modes: list[str], device: 
         try:
             timing = harness.measure(forward, mode, device, inputs=(batch.q, batch.k, batch.v))
         except Exception as error:  # noqa: BLE001
-            _free_memory(device)
-            records.append({**base, "mode": mode, "status": "failed", "reason": _reason(error)})
+            harness.free_memory(device)
+            records.append({**base, "mode": mode, "status": "failed", "reason": harness.error_reason(error)})
             continue
         record = {**base, "mode": mode, "status": "ok", "reason": None, **timing}
         if provider.attention:
@@ -571,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(_progress_line(record), flush=True)
             results += records
         del batch, ours_out
-        _free_memory(device)
+        harness.free_memory(device)
         harness.add_ratios(results, OURS)
         harness.write_results(payload, args.out)  # after every case, so a run cut short keeps its numbers
 

@@ -44,7 +44,6 @@ FINEVIT_KERNELS=reference and a wall-clock timer, through the same code paths, t
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import math
 import os
@@ -290,17 +289,6 @@ SMOKE_PROVIDERS = ["finevit", "finevit_attn", "sdpa", "eager", "flash_attention_
 # ----------------------------------------------------------------------------------------------------
 
 
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run_provider(name: str, tower: Tower, model: torch.nn.Module, inputs: dict, modes: list[str],
                  device: torch.device, flop: float, ceiling: float, ours_out: torch.Tensor | None):
     """All modes of one provider on one tower -> result records (and its output, to compare)."""
@@ -319,9 +307,9 @@ def run_provider(name: str, tower: Tower, model: torch.nn.Module, inputs: dict, 
             torch.cuda.synchronize(device)
         base["first_call_s"] = time.perf_counter() - start
     except Exception as error:  # noqa: BLE001 - a failure to set up or run is recorded, not fatal
-        _free_memory(device)
+        harness.free_memory(device)
         status = "skipped" if isinstance(error, Unavailable) else "failed"
-        return [{**base, "mode": mode, "status": status, "reason": _reason(error)} for mode in modes], None
+        return [{**base, "mode": mode, "status": status, "reason": harness.error_reason(error)} for mode in modes], None
     if ours_out is not None and name != OURS:
         diff = (out.float() - ours_out.float()).abs().max() / ours_out.float().abs().max().clamp_min(1e-30)
         base["rel_diff_vs_ours"] = float(diff)
@@ -332,8 +320,8 @@ def run_provider(name: str, tower: Tower, model: torch.nn.Module, inputs: dict, 
         try:
             timing = harness.measure(forward, mode, device, inputs=params)
         except Exception as error:  # noqa: BLE001
-            _free_memory(device)
-            records.append({**base, "mode": mode, "status": "failed", "reason": _reason(error)})
+            harness.free_memory(device)
+            records.append({**base, "mode": mode, "status": "failed", "reason": harness.error_reason(error)})
             continue
         work = flop * (1.0 if mode == "fwd" else 2.0 if mode == "bwd" else 3.0)
         records.append({**base, "mode": mode, "status": "ok", "reason": None, **timing, "flop": work,
@@ -484,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
             results += records
         revert_finevit_kernels(model)
         del model, inputs, ours_out
-        _free_memory(device)
+        harness.free_memory(device)
         harness.add_ratios(results, OURS)
         harness.write_results(payload, args.out)  # after every tower, so a run cut short keeps its numbers
 

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import os
 import sys
 import time
@@ -225,17 +224,6 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)
 
 
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 @dataclass(frozen=True)
 class OomPoint:
     batch: int
@@ -277,7 +265,7 @@ def cpu_peak_memory_mib(step: Callable[[], object], inputs) -> float | None:
             if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
                 events.append((event.start_time_ns, event.extra_fields.alloc_size))
     except Exception as error:  # noqa: BLE001 - an internal API: no number rather than a failed run
-        print(f"  (no CPU peak memory: {_reason(error)})")
+        print(f"  (no CPU peak memory: {harness.error_reason(error)})")
         return None
     live = peak = 0
     for _, size in sorted(events):
@@ -326,9 +314,9 @@ def run_provider(name: str, case: dict, inputs: Inputs, modes: list[str], device
         first_call_s = time.perf_counter() - start
     except Exception as error:  # noqa: BLE001 - any failure to build or run is recorded, not fatal
         status = "skipped" if isinstance(error, Unavailable) else "oom" if _is_oom(error) else "failed"
-        failure = (status, _reason(error))
+        failure = (status, harness.error_reason(error))
     if failure is not None:  # outside the except block, so the traceback's tensors are gone
-        _free_memory(device)
+        harness.free_memory(device)
         status, reason = failure
         if status != "oom":
             return [known(mode) or {**base, "mode": mode, "status": status, "reason": reason} for mode in modes], None
@@ -358,10 +346,10 @@ def run_provider(name: str, case: dict, inputs: Inputs, modes: list[str], device
         try:
             timing = measure(forward, mode, device, inputs)
         except Exception as error:  # noqa: BLE001
-            failure = ("oom" if _is_oom(error) else "failed", _reason(error))
+            failure = ("oom" if _is_oom(error) else "failed", harness.error_reason(error))
         if failure is not None:
             _reset_grads(inputs.leaves)
-            _free_memory(device)
+            harness.free_memory(device)
             if failure[0] == "oom":
                 oom_points.append(OomPoint(batch, dim, mode))
             records.append({**base, "mode": mode, "status": failure[0], "reason": failure[1]})
@@ -432,9 +420,9 @@ def probe_largest_batch(loss: str, dim: int, dtype: torch.dtype, device: torch.d
             inputs = make_inputs(batch, dim, dtype, device, seed)
             seconds, peak_mib, value = _one_step(finevit_loss(loss, inputs), inputs, device)
         except Exception as error:  # noqa: BLE001
-            failure = ("oom" if _is_oom(error) else "failed", _reason(error))
+            failure = ("oom" if _is_oom(error) else "failed", harness.error_reason(error))
         inputs = None
-        _free_memory(device)
+        harness.free_memory(device)
         if failure is not None:
             row.update(status=failure[0], reason=failure[1])
             tries.append(row)
@@ -707,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
                         print(_progress_line(record), flush=True)
                     results += records
                 del inputs
-                _free_memory(device)
+                harness.free_memory(device)
                 harness.add_ratios(results, OURS)
                 harness.write_results(payload, args.out)  # after every case, so a run cut short keeps its numbers
 

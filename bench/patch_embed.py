@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import os
 import sys
 import time
@@ -212,17 +211,6 @@ PROVIDERS: dict[str, Provider] = {
 # ----------------------------------------------------------------------------------------------------
 
 
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run_provider(name: str, inputs: Inputs, case: dict, modes: list[str], device: torch.device,
                  ceilings: dict, ours_out: torch.Tensor | None) -> tuple[list[dict], torch.Tensor | None]:
     """All modes of one provider on one case -> result records (and its forward output, to compare)."""
@@ -237,9 +225,9 @@ def run_provider(name: str, inputs: Inputs, case: dict, modes: list[str], device
             torch.cuda.synchronize(device)
         first_call_s = time.perf_counter() - start
     except Exception as error:  # noqa: BLE001 - any failure to build or run is recorded, not fatal
-        failure = ("skipped" if isinstance(error, Unavailable) else "failed", _reason(error))
+        failure = ("skipped" if isinstance(error, Unavailable) else "failed", harness.error_reason(error))
     if failure is not None:
-        _free_memory(device)
+        harness.free_memory(device)
         return [{**base, "mode": mode, "status": failure[0], "reason": failure[1]} for mode in modes], None
     base["first_call_s"] = first_call_s
     if ours_out is not None and name != OURS:
@@ -254,8 +242,8 @@ def run_provider(name: str, inputs: Inputs, case: dict, modes: list[str], device
         try:
             timing = harness.measure(forward, mode, device, inputs.leaves)
         except Exception as error:  # noqa: BLE001
-            _free_memory(device)
-            records.append({**base, "mode": mode, "status": "failed", "reason": _reason(error)})
+            harness.free_memory(device)
+            records.append({**base, "mode": mode, "status": "failed", "reason": harness.error_reason(error)})
             continue
         flop, nbytes = useful_flops(n, k, d, mode), useful_bytes(n, k, d, mode, case["element_size"])
         record = {**base, "mode": mode, "status": "ok", "reason": None, **timing, "flop": flop, "bytes": nbytes,
@@ -446,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(_progress_line(record), flush=True)
                 results += records
             del inputs, ours_out
-            _free_memory(device)
+            harness.free_memory(device)
             harness.add_ratios(results, OURS)
             harness.write_results(payload, args.out)  # after every case, so a run cut short keeps its numbers
 
