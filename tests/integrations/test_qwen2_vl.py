@@ -78,7 +78,8 @@ def test_qwen2_5_vl_keeps_window_attention_and_fuses_rope(monkeypatch):
         assert cu_seqlens.tolist() == (per_image if full else windows)
         assert isinstance(max_seqlen, int) and max_seqlen == (60 if full else 16)
         cos, sin = kwargs["cos"], kwargs["sin"]
-        assert cos.dtype == torch.float32 and cos.shape == (100, 16)  # (T, head_dim / 2): halves de-duplicated
+        assert cos.dtype == sin.dtype == torch.float32
+        assert cos.shape == sin.shape == (100, 16)  # (T, head_dim / 2): halves de-duplicated
         assert q.shape == (100, 2, 32) and kwargs["softmax_scale"] == 32**-0.5
     assert len(windows) > len(per_image)
 

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 import finevit.kernels as K
-from finevit.kernels import reference as R
 
 # ----------------------------------------------------------------------------------------------------
 # varlen attention
