@@ -43,7 +43,8 @@ class FineCLIPConfig:
     def from_name(cls, name: str, **overrides) -> FineCLIPConfig:
         if name not in VIT_PRESETS:
             raise ValueError(f"FineCLIPConfig: unknown preset {name!r}; presets: {', '.join(VIT_PRESETS)}")
-        preset = cls(vision=VIT_PRESETS[name], text=TEXT_PRESETS[name], embed_dim=VIT_PRESETS[name].width)
+        # Copies of the tower presets: a caller mutating its config must not change the presets.
+        preset = cls(vision=replace(VIT_PRESETS[name]), text=replace(TEXT_PRESETS[name]), embed_dim=VIT_PRESETS[name].width)
         return replace(preset, **overrides)
 
 

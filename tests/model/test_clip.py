@@ -222,3 +222,11 @@ def test_from_name_pairs_the_vision_and_text_presets():
     assert FineCLIPConfig.from_name("so400m14", loss="clip").embed_dim == 1152
     with pytest.raises(ValueError, match="preset"):
         FineCLIPConfig.from_name("huge")
+
+
+def test_from_name_returns_configs_that_do_not_share_the_presets():
+    config = FineCLIPConfig.from_name("tiny")
+    config.vision.depth += 1
+    config.text.depth += 1
+    fresh = FineCLIPConfig.from_name("tiny")
+    assert fresh.vision.depth == config.vision.depth - 1 and fresh.text.depth == config.text.depth - 1
