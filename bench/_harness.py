@@ -83,6 +83,27 @@ def bench_parser(description: str, providers: Sequence[str], quick_help: str, mo
     return parser
 
 
+def chosen_providers(arg: str | None, default: Sequence[str], known: Sequence[str], ours: str) -> list[str]:
+    """--providers as a list (ours first: the others are checked against its output), or `default`."""
+    if not arg:
+        return list(default)
+    providers = [p.strip() for p in arg.split(",")]
+    unknown = [p for p in providers if p not in known]
+    if unknown:
+        sys.exit(f"unknown provider(s) {unknown}; choose from {list(known)}")
+    return sorted(providers, key=lambda p: p != ours)
+
+
+def chosen_modes(arg: str | None, default: Sequence[str]) -> list[str]:
+    """--modes as a list of harness MODES, or `default`."""
+    if not arg:
+        return list(default)
+    modes = [m.strip() for m in arg.split(",")]
+    if not set(modes) <= set(MODES):
+        sys.exit(f"--modes must be a subset of {MODES}")
+    return modes
+
+
 def dispatch_targets(ops: Sequence[str], device: torch.device) -> dict:
     """Which implementation finevit's dispatch picks for each op on `device` (Triton kernel or reference)."""
     from finevit.kernels._dispatch import implementation

@@ -507,16 +507,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["FINEVIT_KERNELS"] = "reference"
         torch.set_num_threads(1)  # tiny ops: threads only add noise to the timings
     cases, providers, modes, dtype = plan(args)
-    if args.providers:
-        providers = [p.strip() for p in args.providers.split(",")]
-        unknown = [p for p in providers if p not in PROVIDERS]
-        if unknown:
-            sys.exit(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
-        providers.sort(key=lambda p: p != OURS)  # ours first: the others are checked against its output
-    if args.modes:
-        modes = [m.strip() for m in args.modes.split(",")]
-        if not set(modes) <= set(harness.MODES):
-            sys.exit(f"--modes must be a subset of {harness.MODES}")
+    providers = harness.chosen_providers(args.providers, providers, PROVIDERS, OURS)
+    modes = harness.chosen_modes(args.modes, modes)
 
     env = harness.environment(device)
     versions = library_versions(device)

@@ -618,17 +618,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe_max is not None:
         probe_max = args.probe_max
     providers = list(PROVIDERS)
-    if args.providers:
-        providers = [p.strip() for p in args.providers.split(",")]
-        unknown = [p for p in providers if p not in PROVIDERS]
-        if unknown:
-            sys.exit(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
-        providers.sort(key=lambda p: p != OURS)  # ours first: the others are checked against its value
-    modes = list(MODES)
-    if args.modes:
-        modes = [m.strip() for m in args.modes.split(",")]
-        if not set(modes) <= set(harness.MODES):
-            sys.exit(f"--modes must be a subset of {harness.MODES}")
+    providers = harness.chosen_providers(args.providers, providers, PROVIDERS, OURS)
+    modes = harness.chosen_modes(args.modes, MODES)
     modes.sort(key=MODE_WEIGHT.__getitem__)  # lighter first: an OOM there settles the heavier ones
 
     env = harness.environment(device)

@@ -374,18 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         images, grid, dims, dtype = SMOKE_IMAGES, SMOKE_GRID, SMOKE_DIMS, torch.float32
     else:
         images, grid, dims, dtype = IMAGES, GRID, DIMS, torch.bfloat16
-    modes = ["fwd", "fwd+bwd"] if args.quick else list(harness.MODES)
-    if args.modes:
-        modes = [m.strip() for m in args.modes.split(",")]
-        if not set(modes) <= set(harness.MODES):
-            sys.exit(f"--modes must be a subset of {harness.MODES}")
-    providers = list(PROVIDERS)
-    if args.providers:
-        providers = [p.strip() for p in args.providers.split(",")]
-        unknown = [p for p in providers if p not in PROVIDERS]
-        if unknown:
-            sys.exit(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
-        providers.sort(key=lambda p: p != OURS)  # ours first: the others are checked against its output
+    modes = harness.chosen_modes(args.modes, ["fwd", "fwd+bwd"] if args.quick else harness.MODES)
+    providers = harness.chosen_providers(args.providers, PROVIDERS, PROVIDERS, OURS)
 
     env = harness.environment(device)
     versions = harness.dispatch_targets(("patch_embed",), device)
