@@ -29,7 +29,7 @@ def _outputs_and_grads(model: torch.nn.Module, inputs: dict, dtype: torch.dtype,
     m_inputs = {name: t.detach().to(dtype).requires_grad_() if name in leaves else t for name, t in inputs.items()}
     outputs = run(model, m_inputs)
     weights = torch.Generator().manual_seed(1)
-    loss = sum((out * torch.randn(out.shape, generator=weights, dtype=torch.float64).to(dtype)).sum()
+    loss = sum((out * torch.randn(out.shape, generator=weights, dtype=torch.float64).to(out.device, dtype)).sum()
                for out in outputs.values())
     loss.backward()
     result = {f"output {name}": out.detach() for name, out in outputs.items()}
@@ -58,6 +58,7 @@ def assert_patched_matches(
     dtype: torch.dtype,
     *,
     fp64_max_error: float = FP64_MAX_ERROR,
+    device: str = "cpu",
     **options,
 ) -> torch.nn.Module:
     """A patched copy of `model` gives the unpatched outputs, parameter gradients and input gradients.
@@ -69,8 +70,9 @@ def assert_patched_matches(
     """
     inputs = make_inputs()
     reference = _outputs_and_grads(copy.deepcopy(model).double(), inputs, torch.float64, run)
-    patched = apply_finevit_kernels(copy.deepcopy(model).to(dtype), **options)
-    ours = _outputs_and_grads(patched, inputs, dtype, run)
+    patched = apply_finevit_kernels(copy.deepcopy(model).to(device, dtype), **options)
+    on_device = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in inputs.items()}
+    ours = {name: t.cpu() for name, t in _outputs_and_grads(patched, on_device, dtype, run).items()}
     assert ours.keys() == reference.keys(), f"different outputs/gradients: {ours.keys() ^ reference.keys()}"
     floors = _floors(reference)
     if dtype == torch.float64:

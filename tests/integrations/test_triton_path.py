@@ -16,6 +16,8 @@ from .helpers import KernelSpy, assert_patched_matches  # noqa: E402
 from .test_qwen2_vl import qwen_inputs, run as run_qwen, tiny_qwen2_5_vl  # noqa: E402
 from .test_timm_vit import tiny_vit  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @pytest.fixture(autouse=True)
 def _triton(monkeypatch):
@@ -32,14 +34,15 @@ def test_padded_vit_batch_on_the_triton_kernel(monkeypatch):
     attend = valid[:, None, :, None] & valid[:, None, None, :]
 
     def run(m, inputs):
-        return {"valid tokens": m.forward_features(inputs["x"], attn_mask=attend)[valid]}
+        x = inputs["x"]
+        return {"valid tokens": m.forward_features(x, attn_mask=attend.to(x.device))[valid.to(x.device)]}
 
     spy = KernelSpy(monkeypatch)
     assert_patched_matches(tiny_vit(depth=1), lambda: {"x": torch.randn(3, 3, 32, 32)}, run, torch.float32,
-                           patch_embed=False)
+                           patch_embed=False, device=DEVICE)
     assert spy.calls[0][0][3].tolist() == [0, 17, 17, 26, 34, 51, 51]
 
 
 def test_qwen2_5_vl_tower_on_the_triton_kernel():
     assert_patched_matches(tiny_qwen2_5_vl(depth=2, fullatt_block_indexes=[1]), qwen_inputs, run_qwen,
-                           torch.float32, patch_embed=False)
+                           torch.float32, patch_embed=False, device=DEVICE)
