@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+WARMUP_VARIABLE = "FINEVIT_BENCH_WARMUP"
 QUANTILES = (0.5, 0.2, 0.8)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NO_CUDA_MESSAGE = "no CUDA device: nothing to benchmark"
@@ -120,6 +121,74 @@ def require_cuda(cpu_smoke: bool = False) -> torch.device:
         print(NO_CUDA_MESSAGE)
         sys.exit(0)
     return torch.device("cuda")
+
+
+def warmup_shard() -> tuple[int, int] | None:
+    """(k, n) when this process only fills Triton's compile cache for shard k of n of the cases, else None.
+
+    Set by `FINEVIT_BENCH_WARMUP=k/n` (bench/gpu_check.sh starts n such processes at once). Autotuning
+    compiles every candidate config in turn, one process at a time; sharded warm-up processes compile them
+    in parallel into the on-disk cache, so the timed run that follows only loads them. A warm-up process
+    runs each step once, measures no ceilings and times nothing.
+    """
+    value = os.environ.get(WARMUP_VARIABLE)
+    if not value:
+        return None
+    k, n = (int(x) for x in value.split("/"))
+    if not 0 <= k < n:
+        raise ValueError(f"{WARMUP_VARIABLE} must be k/n with 0 <= k < n, got {value!r}")
+    return k, n
+
+
+def warmup_cases(cases: Sequence) -> list:
+    """The cases this process handles: all of them, or its warm-up shard's share."""
+    shard = warmup_shard()
+    return list(cases) if shard is None else [c for i, c in enumerate(cases) if i % shard[1] == shard[0]]
+
+
+def _config_text(config) -> str:
+    tiles = "x".join(str(v) for v in config.kwargs.values())
+    return f"{tiles}/{config.num_warps}w/{config.num_stages}s"
+
+
+class AutotuneLog:
+    """What Triton's autotuners chose: per kernel and autotune key the best config and, when the key was
+    tuned alone since the last `update`, every candidate's median time (the autotuner's own measurement).
+
+    tuners: {kernel name: triton Autotuner}. Call `update(**context)` after each provider ran; `entries`
+    is JSON-ready.
+    """
+
+    def __init__(self, tuners: dict):
+        self.tuners = tuners
+        self.seen: dict[str, set] = {name: set() for name in tuners}
+        self.entries: list[dict] = []
+
+    def update(self, **context) -> None:
+        for name, tuner in self.tuners.items():
+            cache = getattr(tuner, "cache", {})
+            new = [key for key in cache if key not in self.seen[name]]
+            self.seen[name].update(new)
+            timings = getattr(tuner, "configs_timings", None) or {}
+            for key in new:
+                entry = {**context, "kernel": name, "key": [str(x) for x in key], "best": _config_text(cache[key])}
+                if len(new) == 1 and timings:
+                    entry["ms"] = {_config_text(c): (t[0] if isinstance(t, (list, tuple)) else t)
+                                   for c, t in timings.items()}
+                self.entries.append(entry)
+
+    def table(self) -> dict:
+        """A `tables` entry of the results JSON: one row per tuned key."""
+        rows = []
+        for e in self.entries:
+            times = e.get("ms") or {}
+            finite = [t for t in times.values() if isinstance(t, float) and math.isfinite(t)]
+            rows.append([e["kernel"], ", ".join(e["key"]), e["best"],
+                         _fmt(min(finite)) if finite else "–", _fmt(max(finite)) if finite else "–",
+                         " ".join(f"{c}:{_fmt(t)}" for c, t in sorted(times.items(), key=lambda ct: ct[1]))])
+        return {"title": "Autotune choices", "note": "best config per autotune key, and every candidate's median "
+                "ms as the autotuner measured it (fastest first)",
+                "header": ["kernel", "key", "best", "best ms", "worst ms", "candidates"], "rows": rows}
 
 
 def _driver_version() -> str | None:
@@ -256,6 +325,9 @@ def measure(forward: Callable[[], Outputs], mode: str, device: torch.device,
             inputs: Sequence[torch.Tensor]) -> dict:
     """Time `forward` in `mode` and measure its peak memory; `inputs` are the leaves whose grads get reset."""
     step = make_step(forward, mode)
+    if warmup_shard() is not None:  # compile and autotune only
+        step()
+        return {"ms": math.nan, "ms_q20": math.nan, "ms_q80": math.nan, "peak_mem_mib": None}
     return {**time_fn(step, device, inputs), "peak_mem_mib": peak_memory_mib(step, device, inputs)}
 
 
@@ -300,7 +372,9 @@ def copy_ceiling(device: torch.device, nbytes: int = 2**30) -> dict:
 
 
 def measure_ceilings(device: torch.device, smoke: bool = False) -> dict:
-    """Matmul TFLOP/s and copy GB/s of this device (tiny fp32 sizes on a CPU smoke run)."""
+    """Matmul TFLOP/s and copy GB/s of this device (tiny fp32 sizes on a CPU smoke run; NaN when warming up)."""
+    if warmup_shard() is not None:
+        return {"matmul": {"tflops": math.nan}, "copy": {"gbps": math.nan}}
     if smoke:
         return {"matmul": matmul_ceiling(device, torch.float32, sizes=(256,)), "copy": copy_ceiling(device, 2**24)}
     return {"matmul": matmul_ceiling(device), "copy": copy_ceiling(device)}
@@ -534,9 +608,22 @@ def render(json_path: str | os.PathLike) -> tuple[Path, Path | None]:
     return md_path, plot(payload, json_path.with_suffix(".png"))
 
 
+def write_environment(path: str | os.PathLike) -> dict:
+    """The environment and both measured ceilings of this machine's GPU, as JSON at `path` (gpu_check.sh)."""
+    device = torch.device("cuda")
+    record = {"env": environment(device), "ceilings": measure_ceilings(device)}
+    Path(path).write_text(json.dumps(_finite(record), indent=1) + "\n")
+    return record
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--environment":
+        found = write_environment(sys.argv[2])
+        print(json.dumps(found, indent=1))
+        sys.exit(0)
     if len(sys.argv) < 2:
-        sys.exit("usage: python bench/_harness.py RESULTS.json [...]  (rewrites the .md and .png beside each)")
+        sys.exit("usage: python bench/_harness.py RESULTS.json [...]  (rewrites the .md and .png beside each)\n"
+                 "       python bench/_harness.py --environment OUT.json  (GPU, versions and measured ceilings)")
     for arg in sys.argv[1:]:
         for written in render(arg):
             if written is not None:

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 
 import _harness as harness
 import finevit.kernels as K
-from finevit.kernels import reference
+from finevit.kernels import attention, reference
 from finevit.kernels.utils import packed_token_index
 
 OURS = "finevit"
@@ -507,6 +507,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["FINEVIT_KERNELS"] = "reference"
         torch.set_num_threads(1)  # tiny ops: threads only add noise to the timings
     cases, providers, modes, dtype = plan(args)
+    cases = harness.warmup_cases(cases)
     providers = harness.chosen_providers(args.providers, providers, PROVIDERS, OURS)
     modes = harness.chosen_modes(args.modes, modes)
 
@@ -538,6 +539,8 @@ def main(argv: list[str] | None = None) -> None:
         "results": results,
         "checks": [],
     }
+    autotune = harness.AutotuneLog({"fwd": attention._attn_fwd_tuned, "bwd_dkdv": attention._attn_bwd_dkdv_tuned,
+                                    "bwd_dq": attention._attn_bwd_dq_tuned})
     for workload, heads, head_dim in cases:
         case = describe_case(workload, heads, head_dim, dtype)
         payload["cases"].append(case)
@@ -547,15 +550,20 @@ def main(argv: list[str] | None = None) -> None:
             records, out = run_provider(name, batch, case, modes, device, ceilings["matmul"]["tflops"], ours_out)
             if name == OURS:
                 ours_out = out
+            autotune.update(case=case["case"], provider=name)
             for record in records:
                 print(_progress_line(record), flush=True)
             results += records
         del batch, ours_out
         harness.free_memory(device)
         harness.add_ratios(results, OURS)
+        payload["autotune"] = autotune.entries
         harness.write_results(payload, args.out)  # after every case, so a run cut short keeps its numbers
 
+    if harness.warmup_shard() is not None:
+        return
     payload["checks"] = check_targets(results, payload["cases"], modes)
+    payload["tables"] = [autotune.table()]
     json_path = harness.write_results(payload, args.out)
     md_path, png_path = harness.render(json_path)
     print("\n" + harness.throughput_tables(payload))

@@ -47,11 +47,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import product
 
 import torch
 import torch.nn.functional as F
@@ -410,26 +412,33 @@ def main(argv: list[str] | None = None) -> None:
         "checks": [],
         "tables": [],
     }
-    for patch in PATCHES:
-        for dim in dims:
-            case = describe_case(images, grid, patch, dim, dtype)
-            payload["cases"].append(case)
-            inputs = make_inputs(images, grid, patch, dim, dtype, device, seed=args.seed)
-            ours_out = None
-            for name in providers:
-                records, out = run_provider(name, inputs, case, modes, device, ceilings, ours_out)
-                if name == OURS:
-                    ours_out = out
-                for record in records:
-                    print(_progress_line(record), flush=True)
-                results += records
-            del inputs, ours_out
-            harness.free_memory(device)
-            harness.add_ratios(results, OURS)
-            harness.write_results(payload, args.out)  # after every case, so a run cut short keeps its numbers
+    kernels = importlib.import_module("finevit.kernels.patch_embed")  # `K.patch_embed` is the public function
+    autotune = harness.AutotuneLog({"fwd": kernels._fwd_tuned[False], "fwd_fp32": kernels._fwd_tuned[True],
+                                    "dweight": kernels._dweight_tuned[False],
+                                    "dweight_fp32": kernels._dweight_tuned[True]})
+    for patch, dim in harness.warmup_cases(list(product(PATCHES, dims))):
+        case = describe_case(images, grid, patch, dim, dtype)
+        payload["cases"].append(case)
+        inputs = make_inputs(images, grid, patch, dim, dtype, device, seed=args.seed)
+        ours_out = None
+        for name in providers:
+            records, out = run_provider(name, inputs, case, modes, device, ceilings, ours_out)
+            if name == OURS:
+                ours_out = out
+            autotune.update(case=case["case"], provider=name)
+            for record in records:
+                print(_progress_line(record), flush=True)
+            results += records
+        del inputs, ours_out
+        harness.free_memory(device)
+        harness.add_ratios(results, OURS)
+        payload["autotune"] = autotune.entries
+        harness.write_results(payload, args.out)  # after every case, so a run cut short keeps its numbers
 
+    if harness.warmup_shard() is not None:
+        return
     payload["checks"] = check_targets(results, payload["cases"], modes)
-    payload["tables"] = detail_tables(payload) + [traffic_table(payload["cases"])]
+    payload["tables"] = detail_tables(payload) + [traffic_table(payload["cases"]), autotune.table()]
     json_path = harness.write_results(payload, args.out)
     md_path, png_path = harness.render(json_path)
     print("\n" + harness.throughput_tables(payload))

@@ -559,6 +559,13 @@ def _configs(names, shapes):
 _FWD_SHAPES = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
 _DKDV_SHAPES = [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
 _DQ_SHAPES = [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
+# FINEVIT_ATTENTION_TUNING=wide adds candidates the CPU-side report pruned or never tried (larger tiles
+# that spill a little, deeper pipelines): a tuning sweep for GPU runs (bench/gpu_check.sh), read at import.
+if os.environ.get("FINEVIT_ATTENTION_TUNING") == "wide":
+    _FWD_SHAPES = _FWD_SHAPES + [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 2),
+                                 (64, 128, 4, 3), (128, 64, 4, 3)]
+    _DKDV_SHAPES = _DKDV_SHAPES + [(128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
+    _DQ_SHAPES = _DQ_SHAPES + [(128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
 _KEYS = ["head_dim", "max_seqlen_bucket", "ROT_HALF", "QK0_ROT"]  # rotary layout changes the best tile
 _attn_fwd_tuned = triton.autotune(_configs(["BLOCK_M", "BLOCK_N"], _FWD_SHAPES), key=_KEYS)(_attn_fwd_kernel)
 _attn_bwd_dkdv_tuned = triton.autotune(_configs(["BLOCK_N", "BLOCK_M"], _DKDV_SHAPES), key=_KEYS)(_attn_bwd_dkdv_kernel)
