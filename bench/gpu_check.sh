@@ -40,7 +40,7 @@ warm_pids=()
 for bench in "${benches[@]}"; do
   n=${shards[$bench]:-0}
   for ((k = 0; k < n; k++)); do
-    FINEVIT_BENCH_WARMUP="$k/$n" timeout 240 python "bench/$bench.py" $mode --out "$out/warmup/files" \
+    FINEVIT_BENCH_WARMUP="$k/$n" timeout 200 python "bench/$bench.py" $mode --out "$out/warmup/files" \
       > "$out/warmup/$bench-$k.log" 2>&1 &
     warm_pids+=($!)
   done
