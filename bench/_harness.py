@@ -208,6 +208,9 @@ def _driver_version() -> str | None:
 
 
 def _git_commit() -> dict:
+    """The commit measured: $GIT_COMMIT when set (a copied tree's .git can be stale), else git's HEAD."""
+    if os.environ.get("GIT_COMMIT"):
+        return {"commit": os.environ["GIT_COMMIT"], "dirty": None}
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,

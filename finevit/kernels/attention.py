@@ -104,23 +104,32 @@ def _load_chunk(X, stride_x_tok, rows, mask_rows, COS, SIN, stride_cs_tok,
 
     ROTARY: the chunk holds REAL rotate-half pairs from pair START (x1 channels START.., x2 channels
     ROT_HALF + START..), rotated by cos/sin and interleaved as [x1'0, x2'0, x1'1, x2'1, ...].
-    Otherwise: REAL plain channels from channel START. Channels past REAL are zeros.
+    Otherwise: REAL plain channels from channel START. Rows outside `mask_rows` and channels past REAL are
+    zeros. The loads themselves are unmasked: rows outside the mask read the sequence's first token and
+    channels past REAL read channel START (always in bounds), and `tl.where` writes the zeros. On an H100
+    with triton 3.6, masked loads of a chunk with REAL < WIDTH (head dim 72) hit illegal addresses in the
+    compiled forward; in-bounds addresses by construction cannot (bench/NOTES.md).
     """
     if ROTARY:
         offs = tl.arange(0, WIDTH // 2)
-        mask = mask_rows[:, None] & (offs < REAL)[None, :]
-        ptr = X + rows[:, None] * stride_x_tok + START + offs[None, :]
-        x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(ptr + ROT_HALF, mask=mask, other=0.0).to(tl.float32)
-        cs = rows[:, None] * stride_cs_tok + START + offs[None, :]
-        cos = tl.load(COS + cs, mask=mask, other=1.0)
-        sin = tl.load(SIN + cs, mask=mask, other=0.0)
+        keep = mask_rows[:, None] & (offs < REAL)[None, :]
+        rows_in = tl.where(mask_rows, rows, 0)
+        cols_in = START + tl.where(offs < REAL, offs, 0)
+        ptr = X + rows_in[:, None] * stride_x_tok + cols_in[None, :]
+        x1 = tl.where(keep, tl.load(ptr).to(tl.float32), 0.0)
+        x2 = tl.where(keep, tl.load(ptr + ROT_HALF).to(tl.float32), 0.0)
+        cs = rows_in[:, None] * stride_cs_tok + cols_in[None, :]
+        cos = tl.load(COS + cs)
+        sin = tl.load(SIN + cs)
         rotated = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)  # (N, WIDTH / 2, 2)
         return tl.reshape(rotated, (rows.shape[0], WIDTH)).to(X.dtype.element_ty)
     else:
         offs = tl.arange(0, WIDTH)
-        mask = mask_rows[:, None] & (offs < REAL)[None, :]
-        return tl.load(X + rows[:, None] * stride_x_tok + START + offs[None, :], mask=mask, other=0.0)
+        keep = mask_rows[:, None] & (offs < REAL)[None, :]
+        rows_in = tl.where(mask_rows, rows, 0)
+        cols_in = START + tl.where(offs < REAL, offs, 0)
+        x = tl.load(X + rows_in[:, None] * stride_x_tok + cols_in[None, :])
+        return tl.where(keep, x, tl.zeros_like(x))
 
 
 @triton.jit
@@ -553,19 +562,21 @@ def _configs(names, shapes):
     return [triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=st) for a, b, w, st in shapes]
 
 
-# Autotune candidates (tile of the owned rows, tile of the loop, warps, stages), pruned with the H100 (sm_90)
-# compile report of ptxas on CPU: configs that spilled registers at head dims 64-128, with or without
-# fused RoPE, are out (e.g. forward 128x128, and every backward tile with 128 loop rows).
+# Autotune candidates (tile of the owned rows, tile of the loop, warps, stages). First pruned with the H100
+# (sm_90) ptxas report compiled on CPU (forward 128x128 and backward tiles with 128 loop rows spilled), then
+# timed on an H100 (bench/NOTES.md, 2026-11-26): in the backward, 128x32 and 64x64 tiles with 4 warps and 3
+# stages beat every 8-warp tile (dK/dV 0.55 vs 0.73 ms, d64 with 1024-patch images), so they replace the
+# 8-warp tiles that were never close.
 _FWD_SHAPES = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
-_DKDV_SHAPES = [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
-_DQ_SHAPES = [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
-# FINEVIT_ATTENTION_TUNING=wide adds candidates the CPU-side report pruned or never tried (larger tiles
-# that spill a little, deeper pipelines): a tuning sweep for GPU runs (bench/gpu_check.sh), read at import.
+_DKDV_SHAPES = [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2)]
+_DQ_SHAPES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2), (32, 32, 4, 2)]
+# FINEVIT_ATTENTION_TUNING=wide adds candidates outside these lists (larger tiles that spill a little,
+# other pipeline depths): a tuning sweep for GPU runs (bench/gpu_check.sh), read at import.
 if os.environ.get("FINEVIT_ATTENTION_TUNING") == "wide":
     _FWD_SHAPES = _FWD_SHAPES + [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 2),
                                  (64, 128, 4, 3), (128, 64, 4, 3)]
-    _DKDV_SHAPES = _DKDV_SHAPES + [(128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
-    _DQ_SHAPES = _DQ_SHAPES + [(128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
+    _DKDV_SHAPES = _DKDV_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2), (32, 64, 8, 2)]
+    _DQ_SHAPES = _DQ_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2), (32, 64, 8, 2)]
 _KEYS = ["head_dim", "max_seqlen_bucket", "ROT_HALF", "QK0_ROT"]  # rotary layout changes the best tile
 _attn_fwd_tuned = triton.autotune(_configs(["BLOCK_M", "BLOCK_N"], _FWD_SHAPES), key=_KEYS)(_attn_fwd_kernel)
 _attn_bwd_dkdv_tuned = triton.autotune(_configs(["BLOCK_N", "BLOCK_M"], _DKDV_SHAPES), key=_KEYS)(_attn_bwd_dkdv_kernel)
