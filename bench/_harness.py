@@ -183,7 +183,8 @@ class AutotuneLog:
         for e in self.entries:
             times = e.get("ms") or {}
             finite = [t for t in times.values() if isinstance(t, float) and math.isfinite(t)]
-            rows.append([e["kernel"], ", ".join(e["key"]), e["best"],
+            key = [k for k in e["key"] if not k.startswith("torch.")]  # the named keys; dtypes add nothing here
+            rows.append([e["kernel"], ", ".join(key), e["best"],
                          _fmt(min(finite)) if finite else "–", _fmt(max(finite)) if finite else "–",
                          " ".join(f"{c}:{_fmt(t)}" for c, t in sorted(times.items(), key=lambda ct: ct[1]))])
         return {"title": "Autotune choices", "note": "best config per autotune key, and every candidate's median "

@@ -4,7 +4,9 @@
 #                         (large bf16 matmul TFLOP/s, device-to-device copy GB/s counting read + write)
 #   2. pytest.log / .xml  the GPU tests: every kernel forward and backward in bf16, fp16 and fp32, the
 #                         patched towers and FineCLIP on the compiled kernels (pytest-xdist when installed)
-#      warmup/            meanwhile, sharded warm-up runs of the benches fill Triton's compile cache in
+#      sanitizer.log      meanwhile, bench/attention_repro.py (bf16 forward + backward at head dims 64-88)
+#                         under compute-sanitizer's memcheck, when it is installed
+#      warmup/            and sharded warm-up runs of the benches fill Triton's compile cache in
 #                         parallel (autotuning compiles every candidate; the timed runs then only load them)
 #   3. one --quick run of each bench (attention, loss, patch_embed, integrations, train_step when present),
 #      one after the other on an otherwise idle GPU: JSON / markdown / PNG and a log each
@@ -45,20 +47,30 @@ for bench in "${benches[@]}"; do
     warm_pids+=($!)
   done
 done
+sanitizer_pid=
+if command -v compute-sanitizer > /dev/null; then
+  timeout 200 compute-sanitizer --tool memcheck --print-limit 5 python bench/attention_repro.py \
+    > "$out/sanitizer.log" 2>&1 &
+  sanitizer_pid=$!
+fi
 xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
-env -u FINEVIT_ATTENTION_TUNING timeout 200 python -m pytest -q $xdist -p no:cacheprovider --junitxml="$out/pytest.xml" \
+env -u FINEVIT_ATTENTION_TUNING timeout 200 python -m pytest -q -rfE --maxfail=10 $xdist -p no:cacheprovider --junitxml="$out/pytest.xml" \
   tests/kernels tests/integrations tests/model/test_triton_path.py > "$out/pytest.log" 2>&1
 rc=$?
 note "tests exit $rc: $(tail -n 1 "$out/pytest.log")"
 [ "$rc" -eq 0 ] || failed=1
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -n 40 | tee -a "$summary"
+if [ -n "$sanitizer_pid" ]; then
+  wait "$sanitizer_pid"
+  note "attention repro under compute-sanitizer exit $?: $(grep -E "ERROR SUMMARY|TOO LARGE" "$out/sanitizer.log" | head -n 3)"
+fi
 warm_failed=0
 for pid in "${warm_pids[@]}"; do wait "$pid" || warm_failed=$((warm_failed + 1)); done
 note "warm-up: ${#warm_pids[@]} processes, $warm_failed failed (logs in warmup/)"
 rm -rf "$out/warmup/files"
 
 # 3. The timed benches, one at a time.
-declare -A limits=([attention]=150 [loss]=100 [patch_embed]=50 [integrations]=60 [train_step]=90)
+declare -A limits=([attention]=150 [loss]=120 [patch_embed]=50 [integrations]=60 [train_step]=90)
 for bench in "${benches[@]}"; do
   timeout "${limits[$bench]}" python "bench/$bench.py" $mode --out "$out" > "$out/$bench.log" 2>&1
   rc=$?
