@@ -23,7 +23,7 @@ rc=${PIPESTATUS[0]}
 status="tests exit $rc"
 failed=$([ "$rc" -eq 0 ] && echo 0 || echo 1)
 
-for bench in attention loss patch_embed integrations; do
+for bench in attention loss patch_embed integrations train_step; do
   python "bench/$bench.py" $mode --out "$out" 2>&1 | tee "$out/$bench.log"
   rc=${PIPESTATUS[0]}
   status="$status, $bench exit $rc"
