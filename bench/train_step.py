@@ -487,7 +487,8 @@ def run_provider(name: str, case: Case, device: torch.device, precision: str, dt
         return {**record, "status": status, "reason": harness.error_reason(error)}
     finally:
         del tower, step, optimizer
-        harness.free_memory(device)
+        with contextlib.suppress(Exception):  # a kernel fault leaves the CUDA context unusable: see context_lost
+            harness.free_memory(device)
     seconds = timing["ms"] * 1e-3
     flop = step_flops(case.config, lengths)
     return {
@@ -500,6 +501,17 @@ def run_provider(name: str, case: Case, device: torch.device, precision: str, dt
         **harness.throughput(timing["ms"], flop, ceiling),
         "mfu_datasheet": flop / seconds / (DATASHEET_TFLOPS * 1e12),
     }
+
+
+def context_lost(device: torch.device) -> str | None:
+    """Why the CUDA context can run nothing more (a sticky error such as an illegal memory access), or None."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as error:  # noqa: BLE001
+        return harness.error_reason(error)
+    return None
 
 
 def _progress_line(r: dict) -> str:
@@ -567,8 +579,9 @@ def _fmt(value, digits: int = 3) -> str:
 
 def step_table(results: list[dict]) -> dict:
     ok = {(r["case"], r["provider"]): r for r in results if r["status"] == "ok"}
+    cases, providers = list(dict.fromkeys(r["case"] for r in results)), list(PROVIDERS)
     rows = []
-    for r in results:
+    for r in sorted(results, key=lambda r: (cases.index(r["case"]), providers.index(r["provider"]))):
         if r["status"] != "ok":
             rows.append([r["case"], r["provider"], r["status"]] + [""] * 10)
             continue
@@ -693,12 +706,21 @@ def main(argv: list[str] | None = None) -> None:
         "checks": [],
         "tables": [],
     }
+    # The baselines run first in each case, so their numbers survive a fault in our kernels.
+    run_order = sorted(providers, key=lambda p: p == OURS)
+    lost = None
     for case in cases:
         payload["cases"].append(describe_case(case))
         payload["batches"][case.name] = {"grids": [list(g) for g in case.grids], "square_sides": case.square_sides}
-        for name in providers:
-            record = run_provider(name, case, device, precision, dtype, ceilings["matmul"]["tflops"], args.seed,
-                                  rep_ms)
+        for name in run_order:
+            if lost:
+                record = {"case": case.name, "mode": "step", "provider": name, "status": "skipped",
+                          "reason": f"CUDA context lost earlier ({lost})"}
+            else:
+                record = run_provider(name, case, device, precision, dtype, ceilings["matmul"]["tflops"],
+                                      args.seed, rep_ms)
+                if record["status"] == "failed" and (lost := context_lost(device)):
+                    lost = f"{record['provider']} on {record['case']}: {lost}"
             print(_progress_line(record), flush=True)
             results.append(record)
         harness.add_ratios(results, OURS)
@@ -711,6 +733,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + harness.throughput_tables(payload))
     _print_checks(payload["checks"])
     print(f"\nwrote {json_path}\n      {md_path}" + (f"\n      {png_path}" if png_path else ""))
+    if lost:
+        sys.exit(f"the CUDA context was lost ({lost}): later providers were not run")
 
 
 if __name__ == "__main__":
