@@ -1,6 +1,7 @@
 """Benchmark of one vision-encoder training step: FineViT on finevit's kernels against a timm ViT on padded squares.
 
-    python bench/train_step.py [--quick] [--out DIR] [--providers a,b,...] [--precision bf16|amp] [--seed N] [--cpu-smoke]
+    python bench/train_step.py [--quick] [--out DIR] [--providers a,b,...] [--precision bf16|amp] [--seed N]
+                               [--cpu-smoke]
 
 Without a CUDA device it prints "no CUDA device: nothing to benchmark" and exits 0.
 
@@ -37,7 +38,8 @@ Providers
                    images and about the same total tokens, but not the same content per image (small images
                    upsampled, large ones downsampled); the dense fixed-resolution reference, not a target baseline
     Equal image content: image i, a grid of hᵢ × wᵢ = nᵢ patches for finevit, is resized for the baselines to the
-    square grid sᵢ = round(√nᵢ): the same pixel count within rounding (|sᵢ² − nᵢ| ≤ sᵢ), aspect squashed to 1:1.
+    square grid sᵢ = round(√nᵢ): the same pixel count within rounding (|sᵢ² − nᵢ| ≤ sᵢ), aspect squashed to
+    1:1.
     The baselines take uint8 pixels on the GPU and normalize them inside the step (finevit's patch_embed does).
     Their SDPA backend: before timing, the flash and cuDNN backends are timed (fwd+bwd) on the provider's largest
     attention call, and the faster one is put first for the step (recorded as sdpa_backend). Their loss: open_clip's
@@ -57,8 +59,8 @@ FLOPs: model FLOPs of one step from the actual patch counts (2 per multiply-add 
     N_tok = L·(4D² + 2DF) + K·D + 2D²  the weights every token meets (qkv, proj, MLP; patch embedding; MAP k/v)
     −2·K·D·T                          uint8 pixels need no gradient: the patch embedding's backward is dW alone
     N_img = D² + 2DF                  the MAP head's output projection and MLP, once per image
-    12·L·D·Σnᵢ²                       attention, 4·nᵢ²·D per layer forward (QKᵀ and PV over all heads), × 3 for
-                                      forward + backward (the backward's recompute of P is not model FLOPs)
+    12·L·D·Σnᵢ²                       attention, 4·nᵢ²·D per layer forward (QKᵀ and PV over all heads), × 3
+                                      for forward + backward (the backward's recompute of P is not model FLOPs)
     12·D·T, 6·B²·D                    MAP-head attention (one probe over nᵢ keys), the SigLIP logits
     The probe's own q projection (one vector per step) is left out. Each provider is charged the FLOPs of its own
     image content (finevit nᵢ, timm_padded / timm_grouped sᵢ², timm_fixed s̄²); padding is never model FLOPs
@@ -581,12 +583,6 @@ def _print_checks(checks: list[dict]) -> None:
         print(f"  {c['name']:<62} {c['value']:7.2f}  (>= {c['threshold']:<4g})  {status:<8} {c['detail']}")
 
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
-
-
 def step_table(results: list[dict]) -> dict:
     ok = {(r["case"], r["provider"]): r for r in results if r["status"] == "ok"}
     cases, providers = list(dict.fromkeys(r["case"] for r in results)), list(PROVIDERS)
@@ -599,11 +595,13 @@ def step_table(results: list[dict]) -> dict:
         speedup = ours["images_per_s"] / r["images_per_s"] if ours and r["provider"] != OURS else None
         rows.append([
             r["case"], r["provider"], str(r["images"]), f"{r['tokens']} / {r['computed_tokens']}",
-            f"{r['ms']:.4g} ({r['ms_q20']:.4g}–{r['ms_q80']:.4g})", _fmt(r["images_per_s"]),
-            _fmt(r["tokens_per_s"] / 1e3) + "k",
+            f"{r['ms']:.4g} ({r['ms_q20']:.4g}–{r['ms_q80']:.4g})", f"{r['images_per_s']:.4g}",
+            f"{r['tokens_per_s'] / 1e3:.4g}k",
             f"{100 * r['ceiling_share']:.1f}%" if r.get("ceiling_share") is not None else "–",
-            f"{100 * r['mfu_datasheet']:.1f}%", _fmt(r.get("peak_mem_mib")),
-            _fmt(r.get("host_syncs_per_step")), r.get("sdpa_backend") or "–",
+            f"{100 * r['mfu_datasheet']:.1f}%",
+            f"{r['peak_mem_mib']:.0f}" if r.get("peak_mem_mib") is not None else "–",
+            str(r["host_syncs_per_step"]) if r.get("host_syncs_per_step") is not None else "–",
+            r.get("sdpa_backend") or "–",
             f"{speedup:.2f}×" if speedup else "",
         ])
     return {
@@ -654,7 +652,7 @@ def library_versions(device: torch.device) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = harness.bench_parser(__doc__.splitlines()[0], PROVIDERS, "b16 and so400m14 at 16k tokens (< 90 s on an H100)",
+    parser = harness.bench_parser(__doc__.splitlines()[0], PROVIDERS, "b16 and so400m14 at 16k tokens per step",
                                   "not used: every provider times one whole training step")
     parser.add_argument("--precision", choices=("bf16", "amp"), default="bf16",
                         help="bf16: bf16 params + fp32 masters (default); amp: fp32 params + autocast")
@@ -685,7 +683,8 @@ def main(argv: list[str] | None = None) -> None:
           f"commit {env['commit'][:12]}")
     print("  " + "\n  ".join(f"{k}: {v}" for k, v in versions.items()) + f"\n  baseline loss: {loss_name}")
     if device.type == "cuda" and "reference" in versions["finevit.varlen_attention"]:
-        print(f"  WARNING: {OURS} runs the PyTorch reference here (FINEVIT_KERNELS={os.environ.get('FINEVIT_KERNELS')})")
+        print(f"  WARNING: {OURS} runs the PyTorch reference here "
+              f"(FINEVIT_KERNELS={os.environ.get('FINEVIT_KERNELS')})")
     ceilings = harness.measure_ceilings(device, smoke=args.cpu_smoke)
     print(f"ceilings: matmul {ceilings['matmul']['tflops']:.4g} TFLOP/s, copy {ceilings['copy']['gbps']:.4g} GB/s\n")
 
