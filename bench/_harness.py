@@ -289,11 +289,16 @@ def _reset_grads(tensors: Sequence[torch.Tensor]) -> None:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device,
-            grad_to_none: Sequence[torch.Tensor] = ()) -> dict:
-    """Median and 20/80 % quantiles in ms: Triton's do_bench on CUDA, a plain wall-clock loop on CPU."""
+            grad_to_none: Sequence[torch.Tensor] = (), rep_ms: float = 100.0) -> dict:
+    """Median and 20/80 % quantiles in ms: Triton's do_bench on CUDA, a plain wall-clock loop on CPU.
+
+    rep_ms: do_bench's timed window (it runs about rep_ms / (one call's time) reps); raise it for calls
+    that take tens of ms, such as a whole training step, so the quantiles rest on more than one rep.
+    """
     if device.type == "cuda":
         from triton.testing import do_bench
-        median, q20, q80 = do_bench(fn, grad_to_none=list(grad_to_none) or None, quantiles=list(QUANTILES))
+        median, q20, q80 = do_bench(fn, rep=rep_ms, grad_to_none=list(grad_to_none) or None,
+                                    quantiles=list(QUANTILES))
         return {"ms": median, "ms_q20": q20, "ms_q80": q80}
     # CPU (smoke runs): two warm-up calls, then at least 5 reps and at least 50 ms, at most 50 reps.
     times: list[float] = []
