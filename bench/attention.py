@@ -17,7 +17,8 @@ minutes; add it back with --providers).
 
 Providers (one small builder each; every one returns a forward closure (T, H, D) -> (T, H, D) computing the
 same thing: rotate q and k with 2D RoPE, then attention inside each image at scale head_dim ** -0.5)
-    finevit         ours, RoPE fused: varlen_attention(q, k, v, cu_seqlens, max_seqlen, cos=cos, sin=sin)
+    finevit         ours, RoPE in the op: varlen_attention(q, k, v, cu_seqlens, max_seqlen, cos=cos, sin=sin) (q, k
+                    rotated once by the RoPE kernel; the backward rotates dQ, dK back in its stores)
     finevit+rope    ours, RoPE separate: apply_rope on q and k (finevit's standalone kernel), then varlen_attention
     torch_varlen    torch.nn.attention.varlen.varlen_attn (FA2 kernels inside PyTorch); its signature is
                     read at runtime (2.9 had a positional is_causal and no scale; later releases take scale
@@ -299,7 +300,7 @@ class Provider:
 
 
 PROVIDERS: dict[str, Provider] = {
-    "finevit": Provider(finevit_fused, "finevit varlen_attention with RoPE fused (cos/sin passed in)", cuda_only=False),
+    "finevit": Provider(finevit_fused, "finevit varlen_attention with RoPE in the op (cos/sin passed in)", cuda_only=False),
     "finevit+rope": Provider(finevit_separate, "finevit apply_rope on q and k, then varlen_attention", cuda_only=False),
     "torch_varlen": Provider(torch_varlen, "PyTorch RoPE + torch.nn.attention.varlen.varlen_attn"),
     "flash_attn": Provider(flash_attn_varlen, "PyTorch RoPE + flash_attn.flash_attn_varlen_func"),

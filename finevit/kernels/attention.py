@@ -12,16 +12,21 @@ Backward (FA2 recompute, deterministic, no atomics):
     p = 2^(s − lse),  dV = pᵀ dO,  dP = dO vᵀ,  dS = p ∘ (dP − δ),  dK̃ = scale · dSᵀ q̃
                                                                (_attn_bwd_dkdv_kernel: owns a k-block)
     dQ̃ = scale · dS k̃                                         (_attn_bwd_dq_kernel: owns a q-block)
-Rotary embedding (rotate-half, Qwen2-VL): q̃, k̃ are rotated in registers as they are loaded and never
-written back; the gradients w.r.t. q, k are the conjugate rotation of dQ̃, dK̃, applied before the store:
+Rotary embedding (rotate-half, Qwen2-VL), fused where it is cheap: the forward rotates q and k once with
+the RoPE kernel (`rope.py`) into q̃, k̃, which autograd keeps for the backward; the backward kernels load
+them as they are and apply the conjugate rotation to dQ̃, dK̃ in registers just before the store (each
+program owns those rows, so that costs one rotation per row, not one per tile):
     x1' = x1·cos − x2·sin,  x2' = x2·cos + x1·sin;   dx1 = dx̃1·cos + dx̃2·sin,  dx2 = dx̃2·cos − dx̃1·sin.
+The first version rotated q̃, k̃ in registers as every tile was loaded. That re-rotates each k (forward,
+dQ) or q (dK/dV) tile once per program of its sequence, with two fp32 table loads per pair inside the
+loop that should be tensor-core bound: on an H100 (d64, 1024-patch images) it made the forward kernel 60%
+and the backward kernels 70-84% slower than the same kernels without RoPE (bench/NOTES.md, 2026-11-26).
 
 Head dims that are not powers of two (72, 80, 88, ...) without padding to the next power of two:
 `tl.dot` needs power-of-two tiles, but q·kᵀ is a sum over channels, so the channels may be grouped
 into several power-of-two chunks whose dot products are added (any grouping used identically for q
-and k). A rotary pair (i, i + r/2) must sit in one chunk so it can be rotated in registers, so rotary
-channels are grouped by pairs: a chunk of P pairs holds x1[i:i+P] and x2[i:i+P], interleaved by
-`tl.join`. Chunks are at least 16 channels wide (the smallest dot); a remainder is padded (masked):
+and k). In the backward a rotary pair (i, i + r/2) must sit in one chunk, so rotary channels are
+grouped by pairs there: a chunk of P pairs holds x1[i:i+P] and x2[i:i+P], interleaved by `tl.join`, so that its gradient can be rotated back in registers. Chunks are at least 16 channels wide (the smallest dot); a remainder is padded (masked):
     head_dim 72 -> 64 + 16 (8 real) = 80 of work;  80 -> 64 + 16 = 80;  88 -> 64 + 16 + 16 = 96;
     96 -> 64 + 32;  128 -> 128;  256 -> 128 + 128,
 against 96 for 72/80/88 in FA2/FA3, whose kernels round head dims up to a multiple of 32. v and o
@@ -44,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from .rope import rope_fwd
 
 LOG2E = 1.4426950408889634
 CU_BLOCK_SIZES = (16, 32, 64, 128)  # block sizes that the `cu_blocks` table has a row for
@@ -97,49 +104,53 @@ def _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(X, stride_x_tok, rows, mask_rows, COS, SIN, stride_cs_tok,
-                ROT_HALF: tl.constexpr, ROTARY: tl.constexpr, START: tl.constexpr, REAL: tl.constexpr,
+def _load_chunk(X, stride_x_tok, rows, mask_rows,
+                ROT_HALF: tl.constexpr, PAIRS: tl.constexpr, START: tl.constexpr, REAL: tl.constexpr,
                 WIDTH: tl.constexpr):
     """One (len(rows), WIDTH) channel chunk of X's `rows` (int32 offsets from the sequence's first token,
-    whose address is already folded into X, COS and SIN), in X's dtype.
+    whose address is already folded into X), in X's dtype.
 
-    ROTARY: the chunk holds REAL rotate-half pairs from pair START (x1 channels START.., x2 channels
-    ROT_HALF + START..), rotated by cos/sin and interleaved as [x1'0, x2'0, x1'1, x2'1, ...].
-    Otherwise: REAL plain channels from channel START. Rows outside `mask_rows` and channels past REAL are
-    zeros. The loads themselves are unmasked: rows outside the mask read the sequence's first token and
-    channels past REAL read channel START (always in bounds), and `tl.where` writes the zeros. On an H100
-    with triton 3.6, masked loads of a chunk with REAL < WIDTH (head dim 72) hit illegal addresses in the
-    compiled forward; in-bounds addresses by construction cannot (bench/NOTES.md).
+    PAIRS: the chunk holds REAL rotate-half pairs from pair START (x1 channels START.., x2 channels
+    ROT_HALF + START..), interleaved as [x1_0, x2_0, x1_1, x2_1, ...] (the same permutation for q and k
+    leaves q·kᵀ unchanged). Otherwise: REAL plain channels from channel START. Rows outside `mask_rows`
+    and channels past REAL are zeros. The loads themselves are unmasked: rows outside the mask read the
+    sequence's first token and channels past REAL read channel START (always in bounds), and `tl.where`
+    writes the zeros. On an H100 with triton 3.6, masked loads of a chunk with REAL < WIDTH (head dim 72)
+    hit illegal addresses; in-bounds addresses by construction cannot (bench/NOTES.md).
     """
-    if ROTARY:
+    rows_in = tl.where(mask_rows, rows, 0)
+    if PAIRS:
         offs = tl.arange(0, WIDTH // 2)
         keep = mask_rows[:, None] & (offs < REAL)[None, :]
-        rows_in = tl.where(mask_rows, rows, 0)
-        cols_in = START + tl.where(offs < REAL, offs, 0)
-        ptr = X + rows_in[:, None] * stride_x_tok + cols_in[None, :]
-        x1 = tl.where(keep, tl.load(ptr).to(tl.float32), 0.0)
-        x2 = tl.where(keep, tl.load(ptr + ROT_HALF).to(tl.float32), 0.0)
-        cs = rows_in[:, None] * stride_cs_tok + cols_in[None, :]
-        cos = tl.load(COS + cs)
-        sin = tl.load(SIN + cs)
-        rotated = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)  # (N, WIDTH / 2, 2)
-        return tl.reshape(rotated, (rows.shape[0], WIDTH)).to(X.dtype.element_ty)
+        ptr = X + rows_in[:, None] * stride_x_tok + (START + tl.where(offs < REAL, offs, 0))[None, :]
+        x1 = tl.load(ptr)
+        x2 = tl.load(ptr + ROT_HALF)
+        x1 = tl.where(keep, x1, tl.zeros_like(x1))
+        x2 = tl.where(keep, x2, tl.zeros_like(x2))
+        return tl.reshape(tl.join(x1, x2), (rows.shape[0], WIDTH))  # (N, WIDTH / 2, 2) -> (N, WIDTH)
     else:
         offs = tl.arange(0, WIDTH)
         keep = mask_rows[:, None] & (offs < REAL)[None, :]
-        rows_in = tl.where(mask_rows, rows, 0)
-        cols_in = START + tl.where(offs < REAL, offs, 0)
-        x = tl.load(X + rows_in[:, None] * stride_x_tok + cols_in[None, :])
+        x = tl.load(X + rows_in[:, None] * stride_x_tok + (START + tl.where(offs < REAL, offs, 0))[None, :])
         return tl.where(keep, x, tl.zeros_like(x))
 
 
 @triton.jit
-def _store_chunk(X, stride_x_tok, rows, mask_rows, value, COS, SIN, stride_cs_tok,
-                 ROT_HALF: tl.constexpr, ROTARY: tl.constexpr, START: tl.constexpr, REAL: tl.constexpr,
+def _store_chunk(X, stride_x_tok, rows, mask_rows, value, START: tl.constexpr, REAL: tl.constexpr,
                  WIDTH: tl.constexpr):
-    """Store a float32 chunk laid out as `_load_chunk` loads it; rotary chunks are rotated back
-    (the conjugate rotation: the gradient w.r.t. the unrotated input) before the store."""
-    if ROTARY:
+    """Store a float32 (len(rows), WIDTH) chunk of plain channels START.. (REAL of them) in X's dtype."""
+    offs = tl.arange(0, WIDTH)
+    mask = mask_rows[:, None] & (offs < REAL)[None, :]
+    tl.store(X + rows[:, None] * stride_x_tok + START + offs[None, :], value.to(X.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_grad_chunk(X, stride_x_tok, rows, mask_rows, value, COS, SIN, stride_cs_tok,
+                      ROT_HALF: tl.constexpr, PAIRS: tl.constexpr, START: tl.constexpr, REAL: tl.constexpr,
+                      WIDTH: tl.constexpr):
+    """Store a float32 gradient chunk of q̃ or k̃ laid out as `_load_chunk` loads it, as the gradient of the
+    unrotated q or k: pair chunks are rotated back (the conjugate rotation) before the store."""
+    if PAIRS:
         offs = tl.arange(0, WIDTH // 2)
         mask = mask_rows[:, None] & (offs < REAL)[None, :]
         g1, g2 = tl.split(tl.reshape(value, (rows.shape[0], WIDTH // 2, 2)))
@@ -150,9 +161,7 @@ def _store_chunk(X, stride_x_tok, rows, mask_rows, value, COS, SIN, stride_cs_to
         tl.store(ptr, (g1 * cos + g2 * sin).to(X.dtype.element_ty), mask=mask)
         tl.store(ptr + ROT_HALF, (g2 * cos - g1 * sin).to(X.dtype.element_ty), mask=mask)
     else:
-        offs = tl.arange(0, WIDTH)
-        mask = mask_rows[:, None] & (offs < REAL)[None, :]
-        tl.store(X + rows[:, None] * stride_x_tok + START + offs[None, :], value.to(X.dtype.element_ty), mask=mask)
+        _store_chunk(X, stride_x_tok, rows, mask_rows, value, START, REAL, WIDTH)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,12 +172,12 @@ def _store_chunk(X, stride_x_tok, rows, mask_rows, value, COS, SIN, stride_cs_to
 @triton.jit
 def _attn_fwd_kernel(
     # pointers
-    Q, K, V, O, LSE, COS, SIN,
+    Q, K, V, O, LSE,
     # varlen metadata
     CU_SEQLENS, CU_BLOCKS, num_seqs, total_tokens,
     # strides (last dims are contiguous)
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
-    stride_o_tok, stride_o_head, stride_cs_tok,
+    stride_o_tok, stride_o_head,
     # runtime scalars
     qk_scale,  # softmax_scale · log2(e)
     head_dim, max_seqlen_bucket,  # autotune keys only
@@ -194,20 +203,18 @@ def _attn_fwd_kernel(
     V += head * stride_v_head + seq_start * stride_v_tok
     O += head * stride_o_head + seq_start * stride_o_tok
     LSE += head * total_tokens + seq_start
-    COS += seq_start * stride_cs_tok
-    SIN += seq_start * stride_cs_tok
 
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seqlen
 
-    # q chunks: rotated as they are loaded, kept in registers for the whole k loop.
-    q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    # q chunks, kept in registers for the whole k loop (q and k arrive rotated when RoPE is on).
+    q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     if QK1_REAL > 0:
-        q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
     if QK2_REAL > 0:
-        q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
     if QK3_REAL > 0:
-        q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -220,16 +227,16 @@ def _attn_fwd_kernel(
     for start_n in range(0, seqlen, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < seqlen
-        k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+        k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
         if QK1_REAL > 0:
-            k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+            k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
         if QK2_REAL > 0:
-            k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+            k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
             s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
         if QK3_REAL > 0:
-            k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+            k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
             s += tl.dot(q3, tl.trans(k3), input_precision=DOT_PRECISION)
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
 
@@ -240,21 +247,21 @@ def _attn_fwd_kernel(
         m_i = m_new
         p = p.to(V.dtype.element_ty)
 
-        v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+        v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
         acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
         if V1_REAL > 0:
-            v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+            v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
             acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         if V2_REAL > 0:
-            v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+            v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
             acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
 
     inv_l = 1.0 / l_i
-    _store_chunk(O, stride_o_tok, offs_m, mask_m, acc0 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+    _store_chunk(O, stride_o_tok, offs_m, mask_m, acc0 * inv_l[:, None], V0_START, V0_REAL, V0_WIDTH)
     if V1_REAL > 0:
-        _store_chunk(O, stride_o_tok, offs_m, mask_m, acc1 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+        _store_chunk(O, stride_o_tok, offs_m, mask_m, acc1 * inv_l[:, None], V1_START, V1_REAL, V1_WIDTH)
     if V2_REAL > 0:
-        _store_chunk(O, stride_o_tok, offs_m, mask_m, acc2 * inv_l[:, None], COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+        _store_chunk(O, stride_o_tok, offs_m, mask_m, acc2 * inv_l[:, None], V2_START, V2_REAL, V2_WIDTH)
     tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
 
 
@@ -321,54 +328,54 @@ def _attn_bwd_dkdv_kernel(
 
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < seqlen
-    k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     dk0 = tl.zeros([BLOCK_N, QK0_WIDTH], dtype=tl.float32)
     if QK1_REAL > 0:
-        k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
         dk1 = tl.zeros([BLOCK_N, QK1_WIDTH], dtype=tl.float32)
     if QK2_REAL > 0:
-        k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
         dk2 = tl.zeros([BLOCK_N, QK2_WIDTH], dtype=tl.float32)
     if QK3_REAL > 0:
-        k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
         dk3 = tl.zeros([BLOCK_N, QK3_WIDTH], dtype=tl.float32)
-    v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+    v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
     dv0 = tl.zeros([BLOCK_N, V0_WIDTH], dtype=tl.float32)
     if V1_REAL > 0:
-        v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+        v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
         dv1 = tl.zeros([BLOCK_N, V1_WIDTH], dtype=tl.float32)
     if V2_REAL > 0:
-        v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+        v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
         dv2 = tl.zeros([BLOCK_N, V2_WIDTH], dtype=tl.float32)
 
     for start_m in range(0, seqlen, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < seqlen
         # Work transposed, (BLOCK_N, BLOCK_M): kᵀ-major tiles feed dK and dV without transposing p.
-        q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+        q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
         s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
         if QK1_REAL > 0:
-            q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+            q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
             s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
         if QK2_REAL > 0:
-            q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+            q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
             s_t += tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION)
         if QK3_REAL > 0:
-            q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+            q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
             s_t += tl.dot(k3, tl.trans(q3), input_precision=DOT_PRECISION)
         lse = tl.load(LSE + offs_m, mask=mask_m, other=float("inf"))  # +inf: padded q rows get p = 0
         delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
 
-        do0 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+        do0 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
         dv0 += tl.dot(p_t.to(DO.dtype.element_ty), do0, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PRECISION)
         if V1_REAL > 0:
-            do1 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+            do1 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
             dv1 += tl.dot(p_t.to(DO.dtype.element_ty), do1, input_precision=DOT_PRECISION)
             dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PRECISION)
         if V2_REAL > 0:
-            do2 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+            do2 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
             dv2 += tl.dot(p_t.to(DO.dtype.element_ty), do2, input_precision=DOT_PRECISION)
             dp_t += tl.dot(v2, tl.trans(do2), input_precision=DOT_PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
@@ -381,18 +388,18 @@ def _attn_bwd_dkdv_kernel(
         if QK3_REAL > 0:
             dk3 += tl.dot(ds_t, q3, input_precision=DOT_PRECISION)
 
-    _store_chunk(DK, stride_dk_tok, offs_n, mask_n, dk0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     if QK1_REAL > 0:
-        _store_chunk(DK, stride_dk_tok, offs_n, mask_n, dk1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
     if QK2_REAL > 0:
-        _store_chunk(DK, stride_dk_tok, offs_n, mask_n, dk2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
     if QK3_REAL > 0:
-        _store_chunk(DK, stride_dk_tok, offs_n, mask_n, dk3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
-    _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv0, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+    _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv0, V0_START, V0_REAL, V0_WIDTH)
     if V1_REAL > 0:
-        _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv1, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+        _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv1, V1_START, V1_REAL, V1_WIDTH)
     if V2_REAL > 0:
-        _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv2, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+        _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv2, V2_START, V2_REAL, V2_WIDTH)
 
 
 @triton.jit
@@ -434,49 +441,49 @@ def _attn_bwd_dq_kernel(
 
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seqlen
-    q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     dq0 = tl.zeros([BLOCK_M, QK0_WIDTH], dtype=tl.float32)
     if QK1_REAL > 0:
-        q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
         dq1 = tl.zeros([BLOCK_M, QK1_WIDTH], dtype=tl.float32)
     if QK2_REAL > 0:
-        q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
         dq2 = tl.zeros([BLOCK_M, QK2_WIDTH], dtype=tl.float32)
     if QK3_REAL > 0:
-        q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
         dq3 = tl.zeros([BLOCK_M, QK3_WIDTH], dtype=tl.float32)
-    do0 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+    do0 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
     if V1_REAL > 0:
-        do1 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+        do1 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
     if V2_REAL > 0:
-        do2 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+        do2 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
     lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
 
     for start_n in range(0, seqlen, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < seqlen
-        k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+        k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
         if QK1_REAL > 0:
-            k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+            k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
         if QK2_REAL > 0:
-            k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+            k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
             s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
         if QK3_REAL > 0:
-            k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+            k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
             s += tl.dot(q3, tl.trans(k3), input_precision=DOT_PRECISION)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
 
-        v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
+        v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PRECISION)
         if V1_REAL > 0:
-            v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
+            v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
             dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PRECISION)
         if V2_REAL > 0:
-            v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, COS, SIN, stride_cs_tok, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+            v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
             dp += tl.dot(do2, tl.trans(v2), input_precision=DOT_PRECISION)
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
 
@@ -488,13 +495,13 @@ def _attn_bwd_dq_kernel(
         if QK3_REAL > 0:
             dq3 += tl.dot(ds, k3, input_precision=DOT_PRECISION)
 
-    _store_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     if QK1_REAL > 0:
-        _store_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
     if QK2_REAL > 0:
-        _store_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
     if QK3_REAL > 0:
-        _store_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -606,26 +613,27 @@ def _seqlen_bucket(max_seqlen: int) -> int:
     return triton.next_power_of_2(max(max_seqlen, 16))
 
 
-def _common(q, cos, softmax_scale):
-    total_tokens, _, head_dim = q.shape
-    rotary_dim = 2 * cos.shape[1] if cos is not None else 0
-    plan = _chunk_plan(head_dim, rotary_dim)
+def _common(q, rotary_dim, softmax_scale):
+    plan = _chunk_plan(q.shape[2], rotary_dim)
     plan["DOT_PRECISION"] = "ieee" if q.dtype == torch.float32 else "tf32"
-    cos = cos if cos is not None else q.new_empty(0, dtype=torch.float32)  # never read without rotary chunks
-    sin_stride = cos.stride(0) if cos.numel() else 0
-    return plan, cos, sin_stride, softmax_scale * LOG2E
+    return plan, softmax_scale * LOG2E
 
 
 @triton_op("finevit::varlen_attention_fwd", mutates_args=())
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     cos: torch.Tensor | None, sin: torch.Tensor | None, softmax_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward launcher: returns o (total_tokens, heads, head_dim) and lse float32 (heads, total_tokens)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward launcher: returns o (total_tokens, heads, head_dim), lse float32 (heads, total_tokens) and,
+    with cos/sin, the rotated q̃ and k̃ (contiguous, for the backward; empty without cos/sin)."""
     total_tokens, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens.shape[0] - 1
-    plan, cos_t, stride_cs, qk_scale = _common(q, cos, softmax_scale)
-    sin_t = sin if sin is not None else cos_t
+    if cos is not None:
+        q_rot, k_rot = rope_fwd(q, cos, sin), rope_fwd(k, cos, sin)
+        q, k = q_rot, k_rot
+    else:
+        q_rot, k_rot = q.new_empty(0), k.new_empty(0)  # two tensors: outputs may not alias each other
+    plan, qk_scale = _common(q, 0, softmax_scale)  # q, k are rotated already: plain channel chunks
     o = _empty(q.shape, q.dtype, q.device)
     lse = _empty((num_heads, total_tokens), torch.float32, q.device)
     cu_blocks = _cu_blocks(cu_seqlens)
@@ -635,14 +643,14 @@ def attention_fwd(
 
     _launch(
         _attn_fwd_tuned, _attn_fwd_kernel, grid,
-        q, k, v, o, lse, cos_t, sin_t,
+        q, k, v, o, lse,
         cu_seqlens, cu_blocks, num_seqs, total_tokens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), stride_cs,
+        o.stride(0), o.stride(1),
         qk_scale, head_dim, _seqlen_bucket(max_seqlen),
         **plan,
     )
-    return o, lse
+    return o, lse, q_rot, k_rot
 
 
 @triton_op("finevit::varlen_attention_bwd", mutates_args=())
@@ -651,11 +659,15 @@ def attention_bwd(
     cu_seqlens: torch.Tensor, max_seqlen: int, cos: torch.Tensor | None, sin: torch.Tensor | None,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward launcher: δ preprocess, then the dK/dV and dQ kernels. Returns dq, dk, dv."""
+    """Backward launcher: δ preprocess, then the dK/dV and dQ kernels. With cos/sin, q and k are the
+    rotated q̃, k̃ of the forward and the returned dq, dk are w.r.t. the unrotated q, k. Returns dq, dk, dv."""
     total_tokens, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens.shape[0] - 1
-    plan, cos_t, stride_cs, qk_scale = _common(q, cos, softmax_scale)
+    rotary_dim = 2 * cos.shape[1] if cos is not None else 0
+    plan, qk_scale = _common(q, rotary_dim, softmax_scale)
+    cos_t = cos if cos is not None else q.new_empty(0, dtype=torch.float32)  # read by rotary chunks only
     sin_t = sin if sin is not None else cos_t
+    stride_cs = cos_t.stride(0) if cos_t.numel() else 0
     if do.stride(-1) != 1:  # e.g. the expanded, stride-0 gradient of out.sum()
         do = do.contiguous()
     dq = _empty(q.shape, q.dtype, q.device)
@@ -696,7 +708,8 @@ def attention_bwd(
 
 @attention_fwd.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, cos, sin, softmax_scale):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    rotated = (torch.empty_like(q), torch.empty_like(k)) if cos is not None else (q.new_empty(0), q.new_empty(0))
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32), *rotated
 
 
 @attention_bwd.register_fake
@@ -711,12 +724,14 @@ def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, cos, sin, softmax_scale):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, cos, sin, softmax_scale = inputs
-    o, lse = output
+    o, lse, q_rot, k_rot = output
+    if cos is not None:  # the backward reads the rotated q̃, k̃ the forward computed
+        q, k = q_rot, k_rot
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cos, sin)
     ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
 
 
-def _backward(ctx, grad_o, grad_lse):
+def _backward(ctx, grad_o, grad_lse, grad_q_rot, grad_k_rot):
     q, k, v, o, lse, cu_seqlens, cos, sin = ctx.saved_tensors
     dq, dk, dv = attention_bwd(grad_o, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, cos, sin, ctx.softmax_scale)
     return dq, dk, dv, None, None, None, None, None

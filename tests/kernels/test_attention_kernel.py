@@ -159,10 +159,14 @@ def test_attention_ops_have_fake_implementations_for_torch_compile():
     with FakeTensorMode():
         q = torch.empty(10, 2, 72, dtype=torch.float16)
         cu = torch.tensor([0, 4, 10], dtype=torch.int32)
-        o, lse = torch.ops.finevit.varlen_attention_fwd(q, q, q, cu, 6, None, None, 0.1)
+        o, lse, q_rot, k_rot = torch.ops.finevit.varlen_attention_fwd(q, q, q, cu, 6, None, None, 0.1)
         dq, dk, dv = torch.ops.finevit.varlen_attention_bwd(o, q, q, q, o, lse, cu, 6, None, None, 0.1)
+        cos = torch.empty(10, 36)
+        rotated = torch.ops.finevit.varlen_attention_fwd(q, q, q, cu, 6, cos, cos, 0.1)[2:]
     assert o.shape == q.shape and o.dtype == q.dtype
     assert lse.shape == (2, 10) and lse.dtype == torch.float32
+    assert q_rot.numel() == k_rot.numel() == 0  # no RoPE: nothing rotated to keep
+    assert all(x.shape == q.shape and x.dtype == q.dtype for x in rotated)  # RoPE: q̃, k̃ kept for the backward
     assert dq.shape == dk.shape == dv.shape == q.shape
 
 
