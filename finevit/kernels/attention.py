@@ -553,12 +553,14 @@ def _configs(names, shapes):
     return [triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=st) for a, b, w, st in shapes]
 
 
-# Autotune candidates (tile of the owned rows, tile of the loop, warps, stages), pruned with the H100 (sm_90)
-# compile report of ptxas on CPU: configs that spilled registers at head dims 64-128, with or without
-# fused RoPE, are out (e.g. forward 128x128, and every backward tile with 128 loop rows).
+# Autotune candidates (tile of the owned rows, tile of the loop, warps, stages), pruned with the compile
+# report (`python -m finevit.kernels.compile_check`, docs/compile_report.md): tiles that spilled registers
+# at head dims 64-128 on H100 are out (forward 128x128, every backward tile with 128 loop rows), and so are
+# backward tiles owning 32 rows: wgmma needs 64 rows per warpgroup, so on H100 they ran on mma.sync (HMMA).
+# Tiles that still spill somewhere are listed, with the reason, in compile_check.ALLOWED.
 _FWD_SHAPES = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
-_DKDV_SHAPES = [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
-_DQ_SHAPES = [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
+_DKDV_SHAPES = [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2)]
+_DQ_SHAPES = [(128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2)]
 _KEYS = ["head_dim", "max_seqlen_bucket", "ROT_HALF", "QK0_ROT"]  # rotary layout changes the best tile
 _attn_fwd_tuned = triton.autotune(_configs(["BLOCK_M", "BLOCK_N"], _FWD_SHAPES), key=_KEYS)(_attn_fwd_kernel)
 _attn_bwd_dkdv_tuned = triton.autotune(_configs(["BLOCK_N", "BLOCK_M"], _DKDV_SHAPES), key=_KEYS)(_attn_bwd_dkdv_kernel)
