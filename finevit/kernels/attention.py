@@ -578,21 +578,23 @@ def _configs(names, shapes):
     return [triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=st) for a, b, w, st in shapes]
 
 
-# Autotune candidates (tile of the owned rows, tile of the loop, warps, stages). First pruned with the H100
-# (sm_90) ptxas report compiled on CPU (forward 128x128 and backward tiles with 128 loop rows spilled), then
-# timed on an H100 (bench/NOTES.md, 2026-11-26): in the backward, 128x32 and 64x64 tiles with 4 warps and 3
-# stages beat every 8-warp tile (dK/dV 0.55 vs 0.73 ms, d64 with 1024-patch images), so they replace the
-# 8-warp tiles that were never close.
+# Autotune candidates (tile of the owned rows, tile of the loop, warps, stages). Pruned with the compile report
+# (`python -m finevit.kernels.compile_check`, docs/compile_report.md): tiles that spilled registers at head
+# dims 64-128 on H100 are out (forward 128x128, every backward tile with 128 loop rows), and so are backward
+# tiles owning 32 rows (wgmma needs 64 rows per warpgroup: on H100 they ran on mma.sync). Then timed on an
+# H100 (bench/NOTES.md, 2026-11-26): in the backward, 128x32 and 64x64 tiles with 4 warps and 3 stages beat
+# every 8-warp tile (dK/dV 0.55 vs 0.73 ms, d64 with 1024-patch images), so they lead the lists. Tiles that
+# still spill somewhere are listed, with the reason, in compile_check.ALLOWED.
 _FWD_SHAPES = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
-_DKDV_SHAPES = [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2)]
-_DQ_SHAPES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2), (32, 32, 4, 2)]
+_DKDV_SHAPES = [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)]
+_DQ_SHAPES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2)]
 # FINEVIT_ATTENTION_TUNING=wide adds candidates outside these lists (larger tiles that spill a little,
 # other pipeline depths): a tuning sweep for GPU runs (bench/gpu_check.sh), read at import.
 if os.environ.get("FINEVIT_ATTENTION_TUNING") == "wide":
     _FWD_SHAPES = _FWD_SHAPES + [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 2),
                                  (64, 128, 4, 3), (128, 64, 4, 3)]
-    _DKDV_SHAPES = _DKDV_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2), (32, 64, 8, 2)]
-    _DQ_SHAPES = _DQ_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2), (32, 64, 8, 2)]
+    _DKDV_SHAPES = _DKDV_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
+    _DQ_SHAPES = _DQ_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
 _KEYS = ["head_dim", "max_seqlen_bucket", "ROT_HALF", "QK0_ROT"]  # rotary layout changes the best tile
 _attn_fwd_tuned = triton.autotune(_configs(["BLOCK_M", "BLOCK_N"], _FWD_SHAPES), key=_KEYS)(_attn_fwd_kernel)
 _attn_bwd_dkdv_tuned = triton.autotune(_configs(["BLOCK_N", "BLOCK_M"], _DKDV_SHAPES), key=_KEYS)(_attn_bwd_dkdv_kernel)

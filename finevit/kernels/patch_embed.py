@@ -225,12 +225,13 @@ def _configs(names, shapes):
 # configs that spill registers for uint8 or bf16 patches with bf16 weights, K 588 / 768 and D 768 / 1152,
 # are out (forward 128x128x64 with 4 warps: 48 B); see bench/NOTES.md. fp32 weights get their own short
 # lists: an "ieee" fp32 dot runs on FMA units with much larger register tiles (the 16-bit lists spill
-# 1-40 KB there); the weight-gradient kernel still spills ~700 B at 64x64x32, the smallest tile tried.
+# 1-40 KB there); the weight gradient's 64x64x32 tile spilled 368-480 B per thread with 4 warps and none
+# with 8 (docs/compile_report.md, `python -m finevit.kernels.compile_check`).
 _FWD_SHAPES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4),
                (128, 128, 32, 4, 5)]
 _DWEIGHT_SHAPES = [(128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
 _FWD_SHAPES_FP32 = [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3)]
-_DWEIGHT_SHAPES_FP32 = [(64, 64, 32, 4, 3)]
+_DWEIGHT_SHAPES_FP32 = [(64, 64, 32, 8, 3)]
 _KEYS = ["out_features", "in_features", "rows_bucket", "NORMALIZE", "HAS_BIAS"]  # + the tensors' dtypes
 
 
