@@ -62,10 +62,11 @@ class Model:
 # the matmul peak; a short text context holds the dense captions' first objects, the largest ones).
 TINY_OVERRIDES = {
     "vision": {"width": 192, "depth": 3, "num_heads": 6, "mlp_dim": 768,
-               # The synthetic scenes' pixel statistics (light backgrounds): with SigLIP's 0.5 / 0.5 every
-               # background patch embeds to nearly the same vector and all images start out identical.
+               # The synthetic scenes' pixel mean and std (light backgrounds). With SigLIP's 0.5 / 0.5 every
+               # background patch embeds to nearly the same vector, all images start out identical (cosine
+               # 0.98) and training stalls on the collapsed plateau of the loss for hundreds of steps.
                "image_mean": (0.85, 0.86, 0.85), "image_std": (0.12, 0.12, 0.15)},
-    "text": {"width": 192, "depth": 2, "num_heads": 6, "mlp_dim": 768, "vocab_size": 512, "context_length": 128},
+    "text": {"width": 192, "depth": 2, "num_heads": 6, "mlp_dim": 768, "vocab_size": 512, "context_length": 64},
 }
 
 
@@ -78,16 +79,16 @@ class Data:
     train_shards: str = ""  # webdataset shard spec to train on; "": the root dataset's train split
     val_shards: str = ""  # shard spec to evaluate on; "": the root dataset's val split
     tokenizer: str = ""  # transformers tokenizer directory; "": <root>/tokenizer
-    token_budget: int = 2048  # image patches per micro-batch per rank (the number of images varies)
+    token_budget: int = 1152  # image patches per micro-batch per rank (the number of images varies)
     max_images: int = 256  # at most this many images per micro-batch per rank
     min_pixels: int = 32 * 32  # smallest resized image (H·W pixels)
-    max_pixels: int = 128 * 128  # largest resized image; native resolution below it, aspect ratio kept
+    max_pixels: int = 96 * 96  # largest resized image; native resolution below it, aspect ratio kept
     merge_size: int = 1  # resized sides are multiples of patch_size·merge_size (2 for stage 2's merger)
     short_caption_prob: float = 0.0  # fraction of samples trained on the short caption instead of the dense one
     num_workers: int = 1  # DataLoader worker processes per rank (0: load in the training process)
     shuffle_buffer: int = 500  # raw samples shuffled per worker
     pack_buffer: int = 256  # samples the best-fit packer chooses from
-    resume: str = "auto"  # "position" (PackedLoader.state_dict), "replay" (exact: re-read and drop), "auto": replay when deterministic
+    resume: str = "auto"  # "position" (loader state), "replay" (exact: re-read, drop), "auto": replay if deterministic
 
 
 @dataclass
@@ -100,17 +101,17 @@ class Optimizer:
 
 @dataclass
 class LRScheduler:
-    warmup_steps: int = 30  # linear warmup from lr/warmup_steps to lr
+    warmup_steps: int = 50  # linear warmup from lr/warmup_steps to lr
     decay: str = "cosine"  # after warmup: "cosine", "linear" or "constant"
     min_lr_ratio: float = 0.0  # the decay ends at lr · min_lr_ratio
 
 
 @dataclass
 class Training:
-    steps: int = 400  # optimizer steps
+    steps: int = 450  # optimizer steps
     grad_accum_steps: int = 1  # micro-batches per optimizer step (each micro-batch its own contrastive batch)
     max_norm: float = 1.0  # gradient clipping by total norm; 0: no clipping
-    param_dtype: str = "auto"  # FSDP parameter dtype for compute: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16"
+    param_dtype: str = "auto"  # FSDP compute dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16"
     reduce_dtype: str = "float32"  # dtype of the gradient reduce-scatter
     threads: int = 0  # torch threads per process on CPU; 0: CPU cores / local processes
 
@@ -159,7 +160,7 @@ class Eval:
 
 @dataclass
 class Debug:
-    fault: str = ""  # testing: faults to inject, one per restart attempt: "step:N" (SIGKILL rank's process at step N), "save:N" (SIGKILL mid-save of step N), "" none
+    fault: str = ""  # testing: one fault per restart attempt, "step:N" / "save:N" = SIGKILL at / mid-save of step N
     fault_rank: int = -1  # rank that injects the fault; -1: the last rank
 
 

@@ -263,6 +263,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
               ("gradient norm", ["grad_norm"]), ("images/s", ["images_per_s"]), ("MFU %", ["mfu_pct"])]
     eval_keys = sorted({k for r in evals for k in r if k.endswith("recall@1") or k.endswith("accuracy")
                         or k.endswith("acc1")})
+    common = os.path.commonprefix([k.split("/", 1)[0] for k in eval_keys]) if eval_keys else ""  # the dataset name
     if eval_keys:
         panels.append(("evaluation", eval_keys))
     cols = 4
@@ -274,7 +275,8 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
             xs = [r["step"] for r in source if r.get(key) is not None]
             ys = [r[key] for r in source if r.get(key) is not None]
             if xs:
-                ax.plot(xs, ys, marker="o" if title == "evaluation" else None, ms=3, label=key)
+                label = key[len(common):].lstrip("_/") if title == "evaluation" else key
+                ax.plot(xs, ys, marker="o" if title == "evaluation" else None, ms=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         if len(keys) > 1:

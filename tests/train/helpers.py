@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,10 +45,31 @@ def torchrun(args: list[str], nproc: int = 2, launcher: list[str] | None = None,
     launcher = launcher if launcher is not None else ["--standalone"]
     command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}",
                str(STAGE1), *args]
-    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=timeout)
+    result = run_group(command, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
+
+
+def start_group(command: list[str]) -> subprocess.Popen:
+    """Start `command` in its own process group (so a timeout can end torchrun's workers too)."""
+    return subprocess.Popen(command, cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def finish_group(process: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for a process started by start_group; on timeout kill its whole group, then raise."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"timed out after {timeout} s:\n{stdout[-4000:]}\n{stderr[-8000:]}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return finish_group(start_group(command), timeout)
 
 
 def train_records(run_dir: Path) -> dict[int, dict]:

@@ -1,7 +1,8 @@
 """Checkpoints: DCP save/load of the sharded model, optimizer and per-rank state; keep-latest-k; incomplete
 saves never loaded; async saves isolated from later updates; and, end to end under torchrun, a run whose
 ranks are SIGKILLed mid-save and mid-step resumes from the latest complete checkpoint and reproduces the
-uninterrupted run's loss trajectory (deterministic mode), its step counter continuing."""
+uninterrupted run's loss trajectory (deterministic mode), its step counter continuing. The uninterrupted
+reference run is launched as two torchrun agents rendezvousing over 127.0.0.1 (the multi-node path)."""
 
 import sys
 
@@ -11,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from finevit.model import FineCLIP
-from tests.train.helpers import REPO, TINY, all_train_records, free_port, torchrun, train_records
+from tests.train.helpers import (REPO, STAGE1, TINY, all_train_records, finish_group, free_port, start_group,
+                                 torchrun, train_records)
 from tests.train.test_fsdp_step import make_micro_batches, small_config
 
 
@@ -117,9 +119,33 @@ RUN = [*TINY, "--training.steps=6", "--checkpoint.interval=2", "--checkpoint.kee
        "--job.deterministic", "--eval.at_end=false", "--checkpoint.export=false", "--metrics.plot=false"]
 
 
-def test_a_run_killed_mid_save_and_mid_step_resumes_and_reproduces_the_uninterrupted_losses(synth_root, tmp_path):
-    reference_dir, faulty_dir = tmp_path / "reference", tmp_path / "faulty"
-    torchrun([*RUN, f"--data.root={synth_root}", f"--job.run_dir={reference_dir}"])
+@pytest.fixture(scope="module")
+def two_node_run(synth_root, tmp_path_factory):
+    """The uninterrupted reference run, launched as two torchrun agents (--nnodes=2, one process each) that
+    rendezvous over 127.0.0.1 with the c10d backend, as two machines would."""
+    run_dir = tmp_path_factory.mktemp("two_nodes") / "run"
+    port = free_port()
+    launcher = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=finevit-test",
+                "--nproc_per_node=1"]
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher, str(STAGE1), *RUN,
+               f"--data.root={synth_root}", f"--job.run_dir={run_dir}"]
+    agents = [start_group(command) for _ in range(2)]
+    results = [finish_group(agent, timeout=240) for agent in agents]
+    for result in results:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir, "".join(result.stdout for result in results)
+
+
+def test_two_torchrun_agents_rendezvous_over_localhost_as_two_nodes(two_node_run):
+    run_dir, stdout = two_node_run
+    assert "2 process(es) on cpu (gloo)" in stdout
+    assert sorted(train_records(run_dir)) == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-4", "step-6"]
+
+
+def test_a_run_killed_mid_save_and_mid_step_resumes_and_reproduces_the_uninterrupted_losses(
+        synth_root, two_node_run, tmp_path):
+    reference_dir, faulty_dir = two_node_run[0], tmp_path / "faulty"
     # Attempt 0: the last rank is SIGKILLed while saving step 4 (after its shard is written, before the save
     # completes). Attempt 1 resumes from step 2 and is SIGKILLed after step 5. Attempt 2 resumes from step 4.
     result = torchrun([*RUN, f"--data.root={synth_root}", f"--job.run_dir={faulty_dir}",

@@ -2,12 +2,11 @@
 errors that name the key, the saved config read back, and the GPU configs' shapes."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from tests.train.helpers import REPO, STAGE1, environment
+from tests.train.helpers import REPO, STAGE1, run_group
 from train import config as C
 
 CONFIGS = REPO / "configs" / "stage1"
@@ -95,7 +94,6 @@ def test_help_documents_every_field():
 
 
 def test_the_script_reports_a_config_error_and_exits_2():
-    result = subprocess.run([sys.executable, str(STAGE1), "--optimizer.lrr=1"], cwd=REPO, env=environment(),
-                            capture_output=True, text=True, timeout=120)
+    result = run_group([sys.executable, str(STAGE1), "--optimizer.lrr=1"], timeout=120)
     assert result.returncode == 2
     assert "unknown config key 'optimizer.lrr'" in result.stderr

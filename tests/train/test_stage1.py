@@ -1,16 +1,14 @@
 """The trainer end to end on CPU: the embedded default's whole path (dataset generated when missing, 2 gloo
-processes, evaluation, export, summary, metrics, curves) with a tiny model and a few steps; and the same
-script as two torchrun agents (one process each) that rendezvous over 127.0.0.1 as two nodes would."""
+processes, evaluation, export, summary, metrics, curves) with a tiny model and a few steps."""
 
 import json
-import subprocess
 import sys
 
 import torch
 
 from finevit.data.image import ImageConfig
 from finevit.model import FineCLIP, FineViT
-from tests.train.helpers import REPO, STAGE1, TINY, environment, free_port, torchrun, train_records
+from tests.train.helpers import TINY, run_group, torchrun, train_records
 
 TRAIN_KEYS = {"loss", "lr", "logit_scale", "logit_bias", "grad_norm", "images_per_s", "patch_tokens_per_s",
               "text_tokens_per_s", "mfu_pct", "data_wait_pct", "peak_mem_gib", "skipped"}
@@ -48,27 +46,8 @@ def test_embedded_default_generates_data_trains_evaluates_exports_and_summarizes
     assert image_config.max_pixels == 4096 and image_config.patch_size == vit.config.patch_size
     assert (run_dir / "export" / "fineclip" / "tokenizer" / "tokenizer.json").is_file()
     # ... and the evaluation CLI runs on it as exported.
-    cli = subprocess.run([sys.executable, "-m", "finevit.eval", "--checkpoint", str(run_dir / "export" / "fineclip"),
-                          "--data", str(data_root), "--tasks", "retrieval", "--limit", "8", "--no-progress",
-                          "--out", str(tmp_path / "cli")], cwd=REPO, env=environment(), capture_output=True,
-                         text=True, timeout=120)
+    cli = run_group([sys.executable, "-m", "finevit.eval", "--checkpoint", str(run_dir / "export" / "fineclip"),
+                     "--data", str(data_root), "--tasks", "retrieval", "--limit", "8", "--no-progress",
+                     "--out", str(tmp_path / "cli")], timeout=120)
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert list((tmp_path / "cli").glob("*zeroshot_retrieval.json"))
-
-
-def test_two_torchrun_agents_rendezvous_over_localhost_as_two_nodes(synth_root, tmp_path):
-    run_dir = tmp_path / "run"
-    port = free_port()
-    launcher = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=finevit-test"]
-    command = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node=1", str(STAGE1), *TINY,
-               f"--data.root={synth_root}", f"--job.run_dir={run_dir}", "--training.steps=2",
-               "--eval.at_end=false", "--checkpoint.export=false", "--metrics.plot=false"]
-    agents = [subprocess.Popen(command, cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True) for _ in range(2)]
-    outputs = [agent.communicate(timeout=240) for agent in agents]
-    for agent, (stdout, stderr) in zip(agents, outputs):
-        assert agent.returncode == 0, stderr[-4000:]
-    joined = "".join(stdout for stdout, _ in outputs)
-    assert "2 process(es) on cpu (gloo)" in joined
-    assert sorted(train_records(run_dir)) == [1, 2]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2"]
