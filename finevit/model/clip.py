@@ -60,8 +60,9 @@ class FineCLIP(Pretrained, nn.Module):
         self.text = TextEncoder(config.text)
         self.image_proj = nn.Linear(config.vision.width, config.embed_dim, bias=False)
         self.text_proj = nn.Linear(config.text.width, config.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.empty(()))  # log of the multiplier
-        self.logit_bias = nn.Parameter(torch.empty(())) if config.loss == "siglip" else None
+        # One-element vectors, not 0-d scalars: FSDP2's fully_shard cannot shard 0-d parameters.
+        self.logit_scale = nn.Parameter(torch.empty(1))  # log of the multiplier
+        self.logit_bias = nn.Parameter(torch.empty(1)) if config.loss == "siglip" else None
 
     def init_weights(self) -> None:
         c = self.config

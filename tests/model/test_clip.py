@@ -117,6 +117,12 @@ def test_init_logit_scale_and_bias_overrides_are_used():
     assert model.logit_scale.item() == 2.0
 
 
+def test_logit_scale_and_bias_are_one_element_vectors_that_fsdp2_can_shard():
+    # fully_shard rejects 0-d parameters ("doesn't support scalar parameters").
+    model = tiny_clip()
+    assert model.logit_scale.shape == (1,) and model.logit_bias.shape == (1,)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Embeddings
 # ----------------------------------------------------------------------------------------------------
