@@ -277,20 +277,22 @@ class TrainState(Stateful):
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
+        self._template = None  # the blob handed to DCP as this rank's entry; still it after load = not found
 
     def state_dict(self) -> dict:
         t = self.trainer
         rank_state = {"data": t.data.state_dict(), "torch_rng": torch.get_rng_state(),
                       "cuda_rng": torch.cuda.get_rng_state(t.device) if t.device.type == "cuda" else None}
+        self._template = pickle.dumps(rank_state)
         return {"step": t.step, "lr_scheduler": pickle.dumps(t.scheduler.state_dict()),
-                f"rank{t.rank}": pickle.dumps(rank_state)}
+                f"rank{t.rank}": self._template}
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
         t.step = int(state["step"])
         t.scheduler.load_state_dict(pickle.loads(state["lr_scheduler"]))
         mine = state.get(f"rank{t.rank}")
-        if not isinstance(mine, bytes) or mine == TrainState.MISSING:
+        if mine is None or mine is self._template:
             logger.warning("rank %d: the checkpoint holds no data position for this rank (saved with another "
                            "world size?): its data stream starts fresh", t.rank)
             return
@@ -299,8 +301,6 @@ class TrainState(Stateful):
         torch.set_rng_state(rank_state["torch_rng"])
         if rank_state["cuda_rng"] is not None and t.device.type == "cuda":
             torch.cuda.set_rng_state(rank_state["cuda_rng"], t.device)
-
-    MISSING = b"missing"
 
 
 class Trainer:
