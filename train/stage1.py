@@ -348,9 +348,9 @@ class Trainer:
         with torch.device("meta"):
             clip = FineCLIP(self.model_config)
         self.model = parallelize(clip, self.mesh, activation_checkpoint=cfg.activation_checkpoint.mode,
-                    compile=cfg.compile.enable, param_dtype=cfg.training.param_dtype,
-                    reduce_dtype=cfg.training.reduce_dtype,
-                    reshard_after_forward=cfg.parallelism.reshard_after_forward)
+                                 compile=cfg.compile.enable, param_dtype=cfg.training.param_dtype,
+                                 reduce_dtype=cfg.training.reduce_dtype,
+                                 reshard_after_forward=cfg.parallelism.reshard_after_forward)
         materialize(self.model, lambda: ContrastiveModel(FineCLIP(self.model_config)), self.device, self.mesh,
                     cfg.job.seed)
         self.num_params = sum(p.numel() for p in self.model.parameters())
@@ -392,7 +392,7 @@ class Trainer:
         previous = self.run_dir / "config.json"
         if not previous.is_file():
             return
-        old, new = json.loads(previous.read_text()), self.cfg.to_dict()
+        old, new = json.loads(previous.read_text()), json.loads(json.dumps(self.cfg.to_dict()))  # tuples -> lists
         changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
         if changed:
             logger.warning("run_dir %s was started with another configuration (changed: %s); resuming anyway",
