@@ -108,7 +108,7 @@ class LRScheduler:
 
 @dataclass
 class Training:
-    steps: int = 450  # optimizer steps
+    steps: int = 400  # optimizer steps
     grad_accum_steps: int = 1  # micro-batches per optimizer step (each micro-batch its own contrastive batch)
     max_norm: float = 1.0  # gradient clipping by total norm; 0: no clipping
     param_dtype: str = "auto"  # FSDP compute dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16"

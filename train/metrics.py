@@ -199,7 +199,7 @@ class MetricsWriter:
             step = record.get("step", 0)
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(key.replace("/", "_") if "/" not in key else key, value, step)
+                    self.tb.add_scalar(key, value, step)
             self.tb.flush()
 
     def close(self) -> None:

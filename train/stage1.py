@@ -277,20 +277,22 @@ class TrainState(Stateful):
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
+        self._template = None  # the blob handed to DCP as this rank's entry; still it after load = not found
 
     def state_dict(self) -> dict:
         t = self.trainer
         rank_state = {"data": t.data.state_dict(), "torch_rng": torch.get_rng_state(),
                       "cuda_rng": torch.cuda.get_rng_state(t.device) if t.device.type == "cuda" else None}
+        self._template = pickle.dumps(rank_state)
         return {"step": t.step, "lr_scheduler": pickle.dumps(t.scheduler.state_dict()),
-                f"rank{t.rank}": pickle.dumps(rank_state)}
+                f"rank{t.rank}": self._template}
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
         t.step = int(state["step"])
         t.scheduler.load_state_dict(pickle.loads(state["lr_scheduler"]))
         mine = state.get(f"rank{t.rank}")
-        if not isinstance(mine, bytes) or mine == TrainState.MISSING:
+        if mine is None or mine is self._template:
             logger.warning("rank %d: the checkpoint holds no data position for this rank (saved with another "
                            "world size?): its data stream starts fresh", t.rank)
             return
@@ -299,8 +301,6 @@ class TrainState(Stateful):
         torch.set_rng_state(rank_state["torch_rng"])
         if rank_state["cuda_rng"] is not None and t.device.type == "cuda":
             torch.cuda.set_rng_state(rank_state["cuda_rng"], t.device)
-
-    MISSING = b"missing"
 
 
 class Trainer:
@@ -348,9 +348,9 @@ class Trainer:
         with torch.device("meta"):
             clip = FineCLIP(self.model_config)
         self.model = parallelize(clip, self.mesh, activation_checkpoint=cfg.activation_checkpoint.mode,
-                    compile=cfg.compile.enable, param_dtype=cfg.training.param_dtype,
-                    reduce_dtype=cfg.training.reduce_dtype,
-                    reshard_after_forward=cfg.parallelism.reshard_after_forward)
+                                 compile=cfg.compile.enable, param_dtype=cfg.training.param_dtype,
+                                 reduce_dtype=cfg.training.reduce_dtype,
+                                 reshard_after_forward=cfg.parallelism.reshard_after_forward)
         materialize(self.model, lambda: ContrastiveModel(FineCLIP(self.model_config)), self.device, self.mesh,
                     cfg.job.seed)
         self.num_params = sum(p.numel() for p in self.model.parameters())
@@ -392,7 +392,7 @@ class Trainer:
         previous = self.run_dir / "config.json"
         if not previous.is_file():
             return
-        old, new = json.loads(previous.read_text()), self.cfg.to_dict()
+        old, new = json.loads(previous.read_text()), json.loads(json.dumps(self.cfg.to_dict()))  # tuples -> lists
         changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
         if changed:
             logger.warning("run_dir %s was started with another configuration (changed: %s); resuming anyway",

@@ -17,7 +17,7 @@ TRAIN_KEYS = {"loss", "lr", "logit_scale", "logit_bias", "grad_norm", "images_pe
 def test_embedded_default_generates_data_trains_evaluates_exports_and_summarizes(tmp_path):
     data_root, run_dir = tmp_path / "data" / "synth", tmp_path / "run"
     result = torchrun([*TINY, f"--data.root={data_root}", "--data.synth_train=48", "--data.synth_val=16",
-                       f"--job.run_dir={run_dir}", "--training.steps=3", "--eval.limit=12"])
+                       f"--job.run_dir={run_dir}", "--training.steps=3", "--eval.limit=12", "--eval.interval=2"])
     out = result.stdout
     assert "generating the synthetic dataset" in out and (data_root / "meta.json").is_file()
     assert "FineViT stage 1" in out and "text→image, dense captions" in out and "hard negatives" in out
@@ -28,7 +28,8 @@ def test_embedded_default_generates_data_trains_evaluates_exports_and_summarizes
     assert records[3]["images_per_s"] > 0 and records[3]["mfu_pct"] > 0
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "eval"]
-    assert evals and evals[-1]["step"] == 3 and evals[-1]["num_images"] == 12
+    assert [e["step"] for e in evals] == [2, 3] and evals[-1]["num_images"] == 12  # periodic, then final
+    assert (run_dir / "eval" / "step-2").is_dir()
     results = list((run_dir / "eval" / "step-3").glob("*.json"))
     assert {json.loads(p.read_text())["task"] for p in results} == {
         "zeroshot_retrieval", "hard_negatives", "zeroshot_classification"}
