@@ -180,12 +180,15 @@ class Config:
     eval: Eval = field(default_factory=Eval)
     debug: Debug = field(default_factory=Debug)
 
+    # Dict-valued fields that override another dataclass's fields: (section, key) -> that dataclass.
+    OVERRIDES: typing.ClassVar[dict] = {("model", "vision"): FineViTConfig, ("model", "text"): TextConfig}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check(self) -> None:
+        validate(self)
 
-# Dict-valued fields that override another dataclass's fields: (section, key) -> that dataclass.
-OVERRIDE_TARGETS: dict[tuple[str, str], type] = {("model", "vision"): FineViTConfig, ("model", "text"): TextConfig}
 
 CHOICES = {
     ("model", "loss"): ("siglip", "clip"),
@@ -204,8 +207,10 @@ CHOICES = {
 # ----------------------------------------------------------------------------------------------------
 
 
-def _sections() -> dict[str, type]:
-    return typing.get_type_hints(Config)
+def _sections(config_class: type | None = None) -> dict[str, type]:
+    config_class = config_class or Config
+    hints = typing.get_type_hints(config_class)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_class)}
 
 
 def _hints(cls: type) -> dict[str, object]:
@@ -281,8 +286,16 @@ def coerce(key: str, hint, value):
     raise ConfigError(f"{key}: unsupported field type {_type_name(hint)}")
 
 
-def _set_override(cfg: Config, section: str, name: str, sub: str, value, source: str) -> None:
-    target = OVERRIDE_TARGETS[(section, name)]
+def _set_override(cfg, section: str, name: str, sub: str, value, source: str) -> None:
+    target = type(cfg).OVERRIDES[(section, name)]
+    if target is None:  # a free-form table (e.g. a transformers config's fields): TOML values, or JSON on the CLI
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # a plain string
+        getattr(getattr(cfg, section), name)[sub] = value
+        return
     hints = _hints(target)
     if sub not in hints:
         raise ConfigError(f"unknown config key '{section}.{name}.{sub}' ({source}); fields of "
@@ -290,9 +303,9 @@ def _set_override(cfg: Config, section: str, name: str, sub: str, value, source:
     getattr(getattr(cfg, section), name)[sub] = coerce(f"{section}.{name}.{sub}", hints[sub], value)
 
 
-def _set(cfg: Config, dotted: str, value, source: str) -> None:
+def _set(cfg, dotted: str, value, source: str) -> None:
     parts = dotted.split(".")
-    sections = _sections()
+    sections = _sections(type(cfg))
     if parts[0] not in sections:
         raise ConfigError(f"unknown config section '{parts[0]}' in '{dotted}' ({source}); sections: "
                           f"{', '.join(sections)}")
@@ -303,7 +316,7 @@ def _set(cfg: Config, dotted: str, value, source: str) -> None:
     if name not in hints:
         raise ConfigError(f"unknown config key '{section}.{name}' ({source}); keys of [{section}]: "
                           f"{', '.join(hints)}")
-    if (section, name) in OVERRIDE_TARGETS:
+    if (section, name) in type(cfg).OVERRIDES:
         if len(parts) == 3:
             _set_override(cfg, section, name, parts[2], value, source)
             return
@@ -315,16 +328,17 @@ def _set(cfg: Config, dotted: str, value, source: str) -> None:
     if len(parts) != 2:
         raise ConfigError(f"unknown config key '{dotted}' ({source}): [{section}].{name} has no sub-keys")
     converted = coerce(f"{section}.{name}", hints[name], value)
-    choices = CHOICES.get((section, name))
+    choices = getattr(type(cfg), "CHOICES", CHOICES).get((section, name))
     if choices and converted not in choices:
         raise ConfigError(f"{section}.{name}: must be one of {', '.join(choices)}, got {converted!r}")
     setattr(getattr(cfg, section), name, converted)
 
 
-def _apply_document(cfg: Config, document: dict, source: str) -> None:
+def _apply_document(cfg, document: dict, source: str) -> None:
+    sections = _sections(type(cfg))
     for section, table in document.items():
-        if section not in _sections():
-            raise ConfigError(f"unknown config section '{section}' ({source}); sections: {', '.join(_sections())}")
+        if section not in sections:
+            raise ConfigError(f"unknown config section '{section}' ({source}); sections: {', '.join(sections)}")
         if not isinstance(table, dict):
             raise ConfigError(f"'{section}' ({source}) must be a table of keys")
         for key, value in table.items():
@@ -370,24 +384,43 @@ def _split_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], bool
     return config_path, pairs, False
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Defaults <- --config FILE <- --section.key=value; prints help and exits on --help."""
+def parse_args(argv: list[str] | None = None, config_class: type | None = None):
+    """Defaults <- --config FILE <- --section.key=value; prints help and exits on --help.
+
+    config_class: the configuration dataclass (default: stage 1's `Config`); its `check()` validates it."""
+    config_class = config_class or Config
     argv = sys.argv[1:] if argv is None else argv
     config_path, pairs, want_help = _split_cli(argv)
     if want_help:
-        print(help_text())
+        print(help_text(config_class))
         raise SystemExit(0)
-    cfg = Config()
+    cfg = config_class()
     if config_path:
         _apply_document(cfg, load_file(config_path), str(config_path))
     for key, value in pairs:
         _set(cfg, key, value, f"--{key}")
-    validate(cfg)
+    cfg.check()
     return cfg
 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks; each message names the key."""
+    validate_common(cfg)
+    if cfg.model.embed_dim < 0:
+        raise ConfigError(f"model.embed_dim must be >= 0, got {cfg.model.embed_dim}")
+    if cfg.model.init_logit_bias is not None and cfg.model.loss != "siglip":
+        raise ConfigError("model.init_logit_bias applies to model.loss = 'siglip' only")
+    unknown = sorted(set(cfg.eval.tasks) - set(EVAL_TASKS))
+    if unknown:
+        raise ConfigError(f"eval.tasks: unknown task(s) {unknown}; tasks: {', '.join(EVAL_TASKS)}")
+    try:
+        build_model_config(cfg)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model: {exc}") from exc
+
+
+def validate_common(cfg) -> None:
+    """The checks of the sections both stages share (training, data, optimizer, schedule, checkpoints, ...)."""
     positive = {"training.steps": cfg.training.steps, "training.grad_accum_steps": cfg.training.grad_accum_steps,
                 "data.token_budget": cfg.data.token_budget, "data.max_images": cfg.data.max_images,
                 "data.pack_buffer": cfg.data.pack_buffer, "metrics.log_freq": cfg.metrics.log_freq,
@@ -398,8 +431,7 @@ def validate(cfg: Config) -> None:
     nonnegative = {"lr_scheduler.warmup_steps": cfg.lr_scheduler.warmup_steps, "data.num_workers": cfg.data.num_workers,
                    "checkpoint.keep_latest_k": cfg.checkpoint.keep_latest_k, "eval.interval": cfg.eval.interval,
                    "eval.limit": cfg.eval.limit, "training.threads": cfg.training.threads,
-                   "optimizer.weight_decay": cfg.optimizer.weight_decay, "training.max_norm": cfg.training.max_norm,
-                   "model.embed_dim": cfg.model.embed_dim}
+                   "optimizer.weight_decay": cfg.optimizer.weight_decay, "training.max_norm": cfg.training.max_norm}
     for key, value in nonnegative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -409,19 +441,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.short_caption_prob must be in [0, 1], got {cfg.data.short_caption_prob}")
     if not 0.0 <= cfg.lr_scheduler.min_lr_ratio <= 1.0:
         raise ConfigError(f"lr_scheduler.min_lr_ratio must be in [0, 1], got {cfg.lr_scheduler.min_lr_ratio}")
-    if cfg.model.init_logit_bias is not None and cfg.model.loss != "siglip":
-        raise ConfigError("model.init_logit_bias applies to model.loss = 'siglip' only")
-    unknown = sorted(set(cfg.eval.tasks) - set(EVAL_TASKS))
-    if unknown:
-        raise ConfigError(f"eval.tasks: unknown task(s) {unknown}; tasks: {', '.join(EVAL_TASKS)}")
     for fault in filter(None, (f.strip() for f in cfg.debug.fault.split(","))):
         kind, _, step = fault.partition(":")
         if kind not in ("step", "save") or not step.isdigit():
             raise ConfigError(f"debug.fault: each fault is 'step:N' or 'save:N', got {fault!r}")
-    try:
-        build_model_config(cfg)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model: {exc}") from exc
 
 
 def tower_overrides(cfg: Config, tower: str) -> dict:
@@ -449,7 +472,7 @@ def build_model_config(cfg: Config):
 # ----------------------------------------------------------------------------------------------------
 
 
-def save(cfg: Config, path: str | Path) -> Path:
+def save(cfg, path: str | Path) -> Path:
     """Write the resolved configuration as JSON (loadable with --config)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -460,25 +483,28 @@ def save(cfg: Config, path: str | Path) -> Path:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The trailing `# comment` of each field in the class source: the field's documentation."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    lines = source.splitlines()
+    """The trailing `# comment` of each field in the class source (and its dataclass bases'): its documentation."""
     docs = {}
-    for node in ast.parse(source).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            line = lines[node.end_lineno - 1]
-            if "#" in line:
-                docs[node.target.id] = line.split("#", 1)[1].strip()
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        lines = source.splitlines()
+        for node in ast.parse(source).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                line = lines[node.end_lineno - 1]
+                if "#" in line:
+                    docs[node.target.id] = line.split("#", 1)[1].strip()
     return docs
 
 
-def help_text() -> str:
-    defaults = Config()
-    out = [__doc__.strip(), "", "Options (--section.key=value):"]
-    for section, cls in _sections().items():
+def help_text(config_class: type | None = None) -> str:
+    config_class = config_class or Config
+    defaults = config_class()
+    doc = sys.modules[config_class.__module__].__doc__ if config_class is Config else config_class.__doc__
+    out = [(doc or "").strip(), "", "Options (--section.key=value):"]
+    for section, cls in _sections(config_class).items():
         out.append(f"\n  [{section}]")
         docs = field_docs(cls)
         for name in _hints(cls):
@@ -487,3 +513,133 @@ def help_text() -> str:
             if docs.get(name):
                 out.append(f"        {docs[name]}")
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage2Job(Job):
+    run_dir: str = "runs/stage2"  # checkpoints, metrics, eval results and exports; an existing run resumes
+
+
+@dataclass
+class Encoder:
+    init: str = "stage1"  # "stage1": the stage-1 default's export (trained first if absent); "path"; "scratch"
+    path: str = ""  # init = "path": a FineViT (or FineCLIP) save_pretrained directory
+    stage1_run: str = "runs/stage1"  # init = "stage1": the stage-1 run directory whose export/ is used
+    stage1_args: list[str] = field(default_factory=list)  # init = "stage1": extra stage-1 arguments if it must train
+    preset: str = "tiny"  # init = "scratch": FineViTConfig preset (tiny: with stage 1's TINY_OVERRIDES)
+    vision: dict = field(default_factory=dict)  # init = "scratch": FineViTConfig fields over the preset
+
+
+@dataclass
+class LLM:
+    path: str = ""  # a local transformers causal-LM checkpoint directory (with its tokenizer); "": the tiny one
+    architecture: str = "qwen2"  # path = "": model_type of the tiny LLM built from a config (qwen2, llama, ...)
+    config: dict = field(default_factory=dict)  # path = "": config fields over finevit.model.vlm.TINY_LLM
+    tokenizer: str = ""  # path = "": tokenizer directory; "": the dataset's offline-trained tokenizer
+
+
+@dataclass
+class Merger:
+    hidden: int = 0  # hidden width of the merger MLP; 0: 4 × the encoder width (Qwen2-VL's)
+
+
+@dataclass
+class Tasks:
+    region_caption: float = 0.4  # weight of "Describe the region <box>." -> region caption
+    grounding: float = 0.4  # weight of "Locate: <caption>." -> box
+    global_caption: float = 0.2  # weight of "Describe the image in detail." -> dense caption
+    turns: int = 4  # turns per image sequence (each region used once)
+    max_length: int = 384  # LLM tokens per sequence (image tokens included); later turns are dropped
+
+    def mix(self) -> dict[str, float]:
+        return {"region_caption": self.region_caption, "grounding": self.grounding,
+                "global_caption": self.global_caption}
+
+
+@dataclass
+class Freeze:
+    mode: str = "llm"  # "projector": train the merger only; "llm": train encoder + merger (LLM frozen); "none"
+
+
+@dataclass
+class Stage2Data(Data):
+    token_budget: int = 1024  # image patches per micro-batch per rank (the number of images varies)
+    max_images: int = 16  # at most this many images (= LLM sequences) per micro-batch per rank
+    max_pixels: int = 128 * 128  # largest resized image; native resolution below it, aspect ratio kept
+    merge_size: int = 2  # resized sides are multiples of patch_size · 2: the merger's 2×2 groups are whole
+
+
+@dataclass
+class Stage2Eval:
+    interval: int = 0  # evaluate every this many steps; 0: only at the end
+    at_end: bool = True  # evaluate the final model (and, at the start, the initial encoder's probe)
+    regions: int = 200  # val regions decoded for region captioning and for grounding
+    max_new_tokens: int = 24  # greedy decoding length limit
+    probe_train_images: int = 1000  # train images whose regions fit the local-perception probe
+    probe_val_images: int = 500  # val images whose regions score it
+    retrieval: bool = True  # the stage-1 retrieval suite on the aligned encoder with its stage-1 text tower
+    limit: int = 0  # retrieval suite: the first N val images; 0: all
+    token_budget: int = 16384  # patches (or text tokens) per evaluation batch
+
+
+@dataclass
+class Stage2Config:
+    """Stage-2 trainer configuration (`train/stage2.py`): the same machinery as stage 1's (`train/config.py`).
+
+    torchrun --nproc_per_node=2 train/stage2.py                                  # the embedded default
+    torchrun ... train/stage2.py --config configs/stage2/qwen2_5_0_5b.toml --llm.path=/models/Qwen2.5-0.5B
+    python train/stage2.py --help                                                # every field, with its doc
+
+    Precedence: command line > TOML file > the defaults below (identical to configs/stage2/tiny.toml)."""
+
+    job: Stage2Job = field(default_factory=Stage2Job)
+    encoder: Encoder = field(default_factory=Encoder)
+    llm: LLM = field(default_factory=LLM)
+    merger: Merger = field(default_factory=Merger)
+    tasks: Tasks = field(default_factory=Tasks)
+    freeze: Freeze = field(default_factory=Freeze)
+    data: Stage2Data = field(default_factory=Stage2Data)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    eval: Stage2Eval = field(default_factory=Stage2Eval)
+    debug: Debug = field(default_factory=Debug)
+
+    OVERRIDES: typing.ClassVar[dict] = {("encoder", "vision"): FineViTConfig, ("llm", "config"): None}
+    CHOICES: typing.ClassVar[dict] = {
+        **CHOICES,
+        ("encoder", "init"): ("stage1", "path", "scratch"),
+        ("freeze", "mode"): ("projector", "llm", "none"),
+    }
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        validate_common(self)
+        if self.encoder.init == "path" and not self.encoder.path:
+            raise ConfigError("encoder.path: required when encoder.init = 'path'")
+        if self.tasks.turns < 1:
+            raise ConfigError(f"tasks.turns must be >= 1, got {self.tasks.turns}")
+        if self.tasks.max_length < 16:
+            raise ConfigError(f"tasks.max_length must be >= 16, got {self.tasks.max_length}")
+        weights = self.tasks.mix()
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ConfigError(f"tasks: weights must be >= 0 with a positive sum, got {weights}")
+        if self.data.merge_size != 2:
+            raise ConfigError(f"data.merge_size must be 2 (the merger's 2×2 groups), got {self.data.merge_size}")
+        for key in ("regions", "max_new_tokens", "probe_train_images", "probe_val_images"):
+            if getattr(self.eval, key) < 1:
+                raise ConfigError(f"eval.{key} must be >= 1, got {getattr(self.eval, key)}")
+        if self.merger.hidden < 0:
+            raise ConfigError(f"merger.hidden must be >= 0, got {self.merger.hidden}")

@@ -25,12 +25,9 @@ of a step are fetched first). tests/train/test_fsdp_step.py checks this against 
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 import math
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -39,8 +36,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.device_mesh import init_device_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `torchrun train/stage1.py` puts train/ first on sys.path, not the repo
@@ -51,181 +46,13 @@ from finevit.data import ImageConfig, LoaderConfig, PackedLoader, TextTokenizer 
 from finevit.data.text import save_tokenizer  # noqa: E402
 from finevit.model import FineCLIP  # noqa: E402
 from train import config as C  # noqa: E402
-from train.checkpoint import CheckpointManager, ModelState, OptimizerState, sigkill_self  # noqa: E402
+from train.checkpoint import ModelState, OptimizerState  # noqa: E402
+from train.common import (DataStream, TrainerBase, build_optimizer, clip_grad_norm_, data_paths,  # noqa: E402
+                          ensure_dataset, lr_factor)
 from train.metrics import (GPUMonitor, Meter, MetricsWriter, format_progress, format_seconds,  # noqa: E402
                            peak_flops, peak_memory_gib, plot_curves, sequence_lengths, training_flops)
 from train.parallelize import ContrastiveModel, materialize, parallelize  # noqa: E402
 
-logger = logging.getLogger("finevit.train")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Process group
-# ----------------------------------------------------------------------------------------------------
-
-
-def init_distributed(cfg: C.Config) -> tuple[torch.device, int, int, int]:
-    """Process group from torchrun's environment (or a one-process group for `python train/stage1.py`).
-    Returns (device, rank, world_size, local_world_size)."""
-    if "RANK" not in os.environ:  # plain `python train/stage1.py`: a group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    backend = cfg.parallelism.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        threads = cfg.training.threads or max(1, len(os.sched_getaffinity(0)) // local_world)
-        torch.set_num_threads(threads)
-    # Long enough for rank 0's evaluation and export while the others wait at a barrier.
-    timeout = datetime.timedelta(minutes=60)
-    # Under `torchrun --max-restarts`, a restarted group meets in the same store as the attempt that died
-    # (torch 2.14's agent keeps it): without a per-attempt prefix, gloo reads the dead ranks' addresses and
-    # fails with "connectFullMesh ... Connection refused". So every attempt gets its own key space.
-    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-    store = dist.PrefixStore(f"finevit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
-    return device, dist.get_rank(), dist.get_world_size(), local_world
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def set_determinism(seed: int, deterministic: bool) -> None:
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------
-
-
-def ensure_dataset(cfg: C.Config, rank: int) -> dict:
-    """The root dataset's meta.json; rank 0 generates the synthetic dataset first when it is missing."""
-    root = Path(cfg.data.root)
-    meta_path = root / "meta.json"
-    needs_root = not (cfg.data.train_shards and cfg.data.val_shards and cfg.data.tokenizer)
-    if rank == 0 and needs_root and not meta_path.is_file():
-        if not cfg.data.generate:
-            raise FileNotFoundError(f"data.root={root} holds no dataset (no meta.json) and data.generate is false")
-        from finevit.data.synth import SynthConfig, generate
-
-        print(f"[stage1] generating the synthetic dataset into {root} "
-              f"({cfg.data.synth_train} train + {cfg.data.synth_val} val samples, once) ...", flush=True)
-        started = time.perf_counter()
-        generate(root, SynthConfig(train=cfg.data.synth_train, val=cfg.data.synth_val), progress=False)
-        print(f"[stage1] dataset ready in {time.perf_counter() - started:.0f} s", flush=True)
-    dist.barrier()
-    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-
-
-def data_paths(cfg: C.Config, meta: dict) -> tuple[str, str, Path, dict]:
-    """(train shard spec, val shard spec, tokenizer dir, classes) from the config, else from the dataset."""
-    root = Path(cfg.data.root)
-    train = cfg.data.train_shards or str(root / meta["splits"]["train"]["shards"])
-    val = cfg.data.val_shards or str(root / meta["splits"]["val"]["shards"])
-    tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else root / meta.get("tokenizer", "tokenizer")
-    classes = {}
-    if meta.get("classes") and (root / meta["classes"]).is_file():
-        classes = json.loads((root / meta["classes"]).read_text())
-    return train, val, tokenizer, classes
-
-
-class DataStream:
-    """The rank's endless stream of packed micro-batches, with its resume state.
-
-    resume "position" restores PackedLoader.state_dict (fast; the samples that sat in the workers' shuffle
-    and packing buffers at the checkpoint are skipped). "replay" restarts the stream from its beginning and
-    drops the batches delivered before the checkpoint: exact, the same batches as an uninterrupted run,
-    at the cost of re-reading them (the deterministic mode's choice).
-    """
-
-    def __init__(self, loader: PackedLoader, resume_mode: str):
-        self.loader, self.resume_mode = loader, resume_mode
-        self.iterator = None
-        self.replay = 0
-
-    def state_dict(self) -> dict:
-        return {"loader": self.loader.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = state["loader"]
-        if self.resume_mode == "replay":
-            self.replay = int(saved["batches_delivered"])
-        else:
-            self.loader.load_state_dict(saved)
-
-    def next(self) -> dict:
-        if self.iterator is None:
-            self.iterator = iter(self.loader)
-            for _ in range(self.replay):
-                next(self.iterator)
-            self.replay = 0
-        return next(self.iterator)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Optimizer and schedule
-# ----------------------------------------------------------------------------------------------------
-
-
-def build_optimizer(model: torch.nn.Module, cfg: C.Config) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms, biases, the MAP probe, logit scale and bias)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
-                             foreach=True)
-
-
-def lr_factor(step: int, cfg: C.Config) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then the decay."""
-    s, warmup, total = cfg.lr_scheduler, cfg.lr_scheduler.warmup_steps, cfg.training.steps
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if s.decay == "cosine":
-        decayed = 0.5 * (1 + math.cos(math.pi * progress))
-    elif s.decay == "linear":
-        decayed = 1.0 - progress
-    else:
-        decayed = 1.0
-    return s.min_lr_ratio + (1 - s.min_lr_ratio) * decayed
-
-
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """Total gradient norm over FSDP2's sharded (DTensor) gradients, clipped to max_norm (torchtitan's).
-
-    The norm of a DTensor gradient list is a DTensor reduced over the shards: full_tensor() makes it the
-    global norm on every rank before the scaling."""
-    from torch.distributed.tensor import DTensor
-
-    parameters = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in parameters]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,59 +99,14 @@ def forward_backward(model, batches: list[dict], kind: str, group) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-class TrainState(Stateful):
-    """Step and schedule (the same on every rank), plus this rank's data position and RNG under "rank{r}"."""
+class Trainer(TrainerBase):
+    name = "stage1"
 
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        self._template = None  # the blob handed to DCP as this rank's entry; still it after load = not found
-
-    def state_dict(self) -> dict:
-        t = self.trainer
-        rank_state = {"data": t.data.state_dict(), "torch_rng": torch.get_rng_state(),
-                      "cuda_rng": torch.cuda.get_rng_state(t.device) if t.device.type == "cuda" else None}
-        self._template = pickle.dumps(rank_state)
-        return {"step": t.step, "lr_scheduler": pickle.dumps(t.scheduler.state_dict()),
-                f"rank{t.rank}": self._template}
-
-    def load_state_dict(self, state: dict) -> None:
-        t = self.trainer
-        t.step = int(state["step"])
-        t.scheduler.load_state_dict(pickle.loads(state["lr_scheduler"]))
-        mine = state.get(f"rank{t.rank}")
-        if mine is None or mine is self._template:
-            logger.warning("rank %d: the checkpoint holds no data position for this rank (saved with another "
-                           "world size?): its data stream starts fresh", t.rank)
-            return
-        rank_state = pickle.loads(mine)
-        t.data.load_state_dict(rank_state["data"])
-        torch.set_rng_state(rank_state["torch_rng"])
-        if rank_state["cuda_rng"] is not None and t.device.type == "cuda":
-            torch.cuda.set_rng_state(rank_state["cuda_rng"], t.device)
-
-
-class Trainer:
     def __init__(self, cfg: C.Config):
-        self.cfg = cfg
-        self.started = time.perf_counter()
-
-        # Process group and mesh.
-        self.device, self.rank, self.world_size, self.local_world = init_distributed(cfg)
-        self.mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
-        self.group = dist.group.WORLD
-        set_determinism(cfg.job.seed, cfg.job.deterministic)
-        self.run_dir = Path(cfg.job.run_dir)
-        self.is_main = self.rank == 0
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._check_previous_config()
-            C.save(cfg, self.run_dir / "config.json")
-            if cfg.job.print_config:
-                print(json.dumps(cfg.to_dict(), indent=2), flush=True)
-        self.faults = self._faults()
+        self.setup(cfg)
 
         # Data.
-        meta = ensure_dataset(cfg, self.rank)
+        meta = ensure_dataset(cfg, self.rank, self.name)
         self.train_shards, self.val_shards, tokenizer_dir, self.classes = data_paths(cfg, meta)
         self.model_config = C.build_model_config(cfg)
         context = self.model_config.text.context_length
@@ -360,15 +142,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
 
         # Checkpoints: load the latest complete one.
-        self.step = 0
-        self.checkpointer = CheckpointManager(
-            self.run_dir / "checkpoints",
-            {"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer),
-             "train": TrainState(self)},
-            enable=cfg.checkpoint.enable, interval=cfg.checkpoint.interval,
-            keep_latest_k=cfg.checkpoint.keep_latest_k, async_mode=cfg.checkpoint.async_mode,
-            fault=self._save_fault)
-        self.resumed_from = self.checkpointer.load()
+        self.setup_checkpoints({"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer)})
 
         # Metrics.
         self.peak_flops, self.peak_note = peak_flops(self.device)
@@ -377,47 +151,12 @@ class Trainer:
         self.meter = Meter()
         self.last_loss = float("nan")
         self.evaluations: list[dict] = []
-        self.train_seconds = 0.0
-        self.eval_seconds = 0.0
         if self.is_main:
             print(f"[stage1] {self.world_size} process(es) on {self.device.type} ({dist.get_backend()}), "
                   f"{torch.get_num_threads()} thread(s) each | FineCLIP {cfg.model.preset}+overrides "
                   f"{self.num_params / 1e6:.2f}M params | run dir {self.run_dir} | "
                   + (f"resumed from step {self.resumed_from}" if self.resumed_from else "from scratch")
                   + f" | peak: {self.peak_note}", flush=True)
-
-    # -- helpers ------------------------------------------------------------------------------------
-
-    def _check_previous_config(self) -> None:
-        previous = self.run_dir / "config.json"
-        if not previous.is_file():
-            return
-        old, new = json.loads(previous.read_text()), json.loads(json.dumps(self.cfg.to_dict()))  # tuples -> lists
-        changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
-        if changed:
-            logger.warning("run_dir %s was started with another configuration (changed: %s); resuming anyway",
-                           self.run_dir, ", ".join(changed))
-
-    def _faults(self) -> dict[str, int]:
-        """The fault of this restart attempt, for this rank (debug.fault; testing only)."""
-        faults = [f.strip() for f in self.cfg.debug.fault.split(",") if f.strip()]
-        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-        fault_rank = self.cfg.debug.fault_rank if self.cfg.debug.fault_rank >= 0 else self.world_size - 1
-        if attempt >= len(faults) or self.rank != fault_rank:
-            return {}
-        kind, _, step = faults[attempt].partition(":")
-        return {kind: int(step)}
-
-    def _save_fault(self, step: int) -> None:
-        if self.faults.get("save") == step:
-            print(f"[stage1] rank {self.rank}: injected fault, SIGKILL in the middle of saving step {step}", flush=True)
-            sigkill_self()
-
-    @staticmethod
-    def _scalar(param: torch.Tensor) -> float:
-        """The value of a one-element (possibly sharded) parameter; a collective for a DTensor."""
-        param = param.detach()
-        return float(param.full_tensor() if hasattr(param, "full_tensor") else param)
 
     # -- one step -----------------------------------------------------------------------------------
 
@@ -453,9 +192,6 @@ class Trainer:
         return out
 
     # -- logging ------------------------------------------------------------------------------------
-
-    def should_log(self) -> bool:
-        return self.step % self.cfg.metrics.log_freq == 0 or self.step == self.cfg.training.steps or self.step == 1
 
     def log(self, out: dict) -> None:
         loss = out["loss_sum"].clone()
@@ -538,19 +274,7 @@ class Trainer:
                                   cfg.limit or None, progress=False)
             encode = {"token_budget": cfg.token_budget, "device": self.device, "dtype": dtype}
             dataset = "finevit-synth_val" if not self.cfg.data.val_shards else "val"
-            results = []
-            for task in cfg.tasks:
-                if task == "retrieval":
-                    results.append(T.retrieval(model, self.tokenizer, images, dataset, **encode))
-                elif task == "long_caption_retrieval":
-                    results.append(T.long_caption_retrieval(model, self.tokenizer, images, dataset, **encode))
-                elif task == "hard_negatives":
-                    if any(a.get("hard_negatives") for a in images.annotations):
-                        results.append(T.hard_negatives(model, self.tokenizer, images, dataset, **encode))
-                elif task == "classification":
-                    for key, spec in self.classes.items():
-                        results.append(T.classification(model, self.tokenizer, images, dataset, key,
-                                                        spec["classnames"], spec["templates"], **encode))
+            results = T.run_suite(model, self.tokenizer, images, dataset, cfg.tasks, self.classes, **encode)
         finally:
             torch.set_num_threads(threads)
         out_dir = self.run_dir / "eval" / f"step-{self.step}"
@@ -587,30 +311,6 @@ class Trainer:
         dist.barrier()
         return path
 
-    # -- the loop -----------------------------------------------------------------------------------
-
-    def train(self) -> None:
-        cfg = self.cfg
-        total = cfg.training.steps
-        train_started = time.perf_counter()
-        self.meter.reset()
-        while self.step < total:
-            out = self.train_step()
-            self.step += 1
-            if self.should_log():
-                self.log(out)
-            if self.faults.get("step") == self.step:
-                print(f"[stage1] rank {self.rank}: injected fault, SIGKILL at step {self.step}", flush=True)
-                sigkill_self()
-            if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step != total:
-                paused = time.perf_counter()
-                self.evaluate()
-                self.meter.started += time.perf_counter() - paused  # evaluation is not training time
-            self.checkpointer.save(self.step, last_step=self.step == total)
-            self.checkpointer.poll()
-        self.checkpointer.close()
-        self.train_seconds = time.perf_counter() - train_started
-
     def finish(self) -> None:
         cfg = self.cfg
         final = self.evaluate() if cfg.eval.at_end else {}
@@ -641,10 +341,6 @@ class Trainer:
         lines += [f"metrics      {self.writer.path}" + (f", {self.run_dir / 'training_curves.png'}"
                                                          if self.cfg.metrics.plot else ""), "=" * 78]
         return "\n".join(lines)
-
-    def close(self) -> None:
-        dist.barrier()  # a gloo exit right after collectives can abort without it (DESIGN.md)
-        dist.destroy_process_group()
 
 
 def evaluation_table(record: dict, classes: dict) -> list[str]:

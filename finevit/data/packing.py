@@ -25,7 +25,8 @@ drain), against 79 / 89 / 94 % for sequential greedy packing.
     batch["keys"]  = [B sample keys]
     batch["regions"] (with_regions) = {image_index int64 (R,), boxes float32 (R, 4) normalized (x0, y0, x1, y1),
                       patch_boxes float32 (R, 4) in patch units, cells int32 (R, 4) = (row0, col0, row1, col1)
-                      half-open patch cells, text: packed region captions}
+                      half-open patch cells, text: packed region captions, captions: the R raw strings}
+    batch["captions"] (with_regions) = [B raw captions]
 
 so that `FineCLIP(batch["image"], batch["text"])` runs on it directly.
 """
@@ -175,6 +176,7 @@ def collate(samples: Sequence[Sample], tokenizer: TextTokenizer, patch_size: int
     }
     if with_regions:
         batch["regions"] = collate_regions(samples, tokenizer)
+        batch["captions"] = [s.text for s in samples]  # the raw captions (stage 2 builds LLM sequences from them)
     return batch
 
 
@@ -200,4 +202,5 @@ def collate_regions(samples: Sequence[Sample], tokenizer: TextTokenizer) -> dict
         "patch_boxes": cat(patch_boxes, np.float32),
         "cells": cat(cells, np.int32),
         "text": pack_texts(tokenizer(texts)),
+        "captions": texts,
     }

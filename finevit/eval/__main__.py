@@ -108,20 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
     images = embed_images(model, shards, image_config, budget, args.device, DTYPES[args.dtype], args.limit,
                           progress=not args.no_progress)
-    results: list[T.TaskResult] = []
-    for task in tasks:
-        if task == "retrieval":
-            results.append(T.retrieval(model, tokenizer, images, dataset, ks=args.recall_k, **encode))
-        elif task == "long_caption_retrieval":
-            results.append(T.long_caption_retrieval(model, tokenizer, images, dataset, ks=args.recall_k, **encode))
-        elif task == "hard_negatives":
-            results.append(T.hard_negatives(model, tokenizer, images, dataset, **encode))
-        elif task == "classification":
-            if not classes:
-                print("classification: no class definitions (--classes or the dataset's classes.json); skipped")
-            for key, spec in classes.items():
-                results.append(T.classification(model, tokenizer, images, dataset, key, spec["classnames"],
-                                                spec["templates"], **encode))
+    if "classification" in tasks and not classes:
+        print("classification: no class definitions (--classes or the dataset's classes.json); skipped")
+    results = T.run_suite(model, tokenizer, images, dataset, tasks, classes, ks=args.recall_k, **encode)
 
     for result in results:
         path = T.write_result(result, args.out, args.model_name, str(checkpoint.resolve()))

@@ -42,24 +42,22 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-@torch.no_grad()
-def embed_images(model, shards: str | Sequence[str], image_config: ImageConfig, token_budget: int = 16384,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None, limit: int | None = None,
-                 progress: bool = True) -> EvalImages:
-    """Read, preprocess and encode every image of `shards` (at most `limit`), in shard order."""
+def iter_image_batches(shards: str | Sequence[str], image_config: ImageConfig, token_budget: int,
+                       limit: int | None = None, skipped: dict[str, int] | None = None):
+    """Read and preprocess the images of `shards` in shard order (at most `limit`; bad samples skipped and
+    counted into `skipped`), packed under `token_budget` patches: yields (indices in reading order, keys,
+    annotations, image batch); the packer reorders images, the indices put them back."""
     if image_config.max_patches > token_budget:
-        raise ValueError(f"embed_images: token_budget={token_budget} cannot hold the largest resized image "
+        raise ValueError(f"token_budget={token_budget} cannot hold the largest resized image "
                          f"({image_config.max_patches} patches); raise it or lower max_pixels")
-    device = torch.device(device)
-    skipped: dict[str, int] = {}
-    report = SkipReporter(skipped, who="finevit.eval")
-    keys: list[str] = []
-    annotations: list[dict] = []
+    report = SkipReporter({} if skipped is None else skipped, who="finevit.eval")
+    count = 0
 
     def items():
+        nonlocal count
         for url in expand_shards(shards):
             for _, raw in read_shard(url, lambda u, exc: report("bad_shard", f"shard {u}", exc)):
-                if limit is not None and len(keys) >= limit:
+                if limit is not None and count >= limit:
                     return
                 try:
                     annotation, image, (gh, gw) = decode_raw(raw, image_config, token_budget)
@@ -69,24 +67,37 @@ def embed_images(model, shards: str | Sequence[str], image_config: ImageConfig, 
                 except Exception as exc:  # an input no rule foresaw
                     report("error", f"sample {raw['__key__']!r} of {url}", exc)
                     continue
-                keys.append(raw["__key__"])
-                annotations.append(annotation)
-                yield len(keys) - 1, image, gh * gw
+                count += 1
+                yield count - 1, raw["__key__"], annotation, image, gh * gw
 
-    features: dict[int, torch.Tensor] = {}
+    for group in pack(items(), token_budget, max_images=1024, buffer_size=64, length=lambda it: it[4]):
+        batch = collate_images([it[3] for it in group], image_config.patch_size)
+        yield [it[0] for it in group], [it[1] for it in group], [it[2] for it in group], batch
+
+
+@torch.no_grad()
+def embed_images(model, shards: str | Sequence[str], image_config: ImageConfig, token_budget: int = 16384,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None, limit: int | None = None,
+                 progress: bool = True) -> EvalImages:
+    """Read, preprocess and encode every image of `shards` (at most `limit`), in shard order."""
+    device = torch.device(device)
+    skipped: dict[str, int] = {}
+    found: dict[int, tuple[str, dict, torch.Tensor]] = {}
     with tqdm(desc="images", unit="img", disable=not progress) as bar:
-        for group in pack(items(), token_budget, max_images=1024, buffer_size=64, length=lambda it: it[2]):
-            batch = collate_images([it[1] for it in group], image_config.patch_size)
+        for indices, keys, notes, batch in iter_image_batches(shards, image_config, token_budget, limit,
+                                                                    skipped):
             with _autocast(device, dtype):
                 out = model.encode_image(batch["patches"].to(device), batch["positions"].to(device),
                                          batch["cu_seqlens"].to(device), batch["max_seqlen"])
             out = F.normalize(out.float(), dim=-1).cpu()
-            for row, it in enumerate(group):
-                features[it[0]] = out[row]
-            bar.update(len(group))
-    if not keys:
+            for row, index in enumerate(indices):
+                found[index] = (keys[row], notes[row], out[row])
+            bar.update(len(indices))
+    if not found:
         raise ValueError(f"embed_images: no readable sample in {shards!r} (skipped: {skipped})")
-    return EvalImages(keys, annotations, torch.stack([features[i] for i in range(len(keys))]), skipped)
+    ordered = [found[i] for i in range(len(found))]
+    return EvalImages([o[0] for o in ordered], [o[1] for o in ordered], torch.stack([o[2] for o in ordered]),
+                      skipped)
 
 
 @torch.no_grad()

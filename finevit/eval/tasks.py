@@ -165,3 +165,25 @@ def classification(model, tokenizer: TextTokenizer, images: EvalImages, dataset:
 
 __all__ = ["TASKS", "TaskResult", "write_result", "retrieval", "long_caption_retrieval", "hard_negatives",
            "classification", "zeroshot_classifier"]
+
+
+def run_suite(model, tokenizer: TextTokenizer, images: EvalImages, dataset: str, tasks: Sequence[str],
+              classes: dict, ks: Sequence[int] = (1, 5, 10), **encode) -> list[TaskResult]:
+    """The tasks of `tasks` (of TASKS) on encoded `images`: hard negatives only where the annotations have
+    them, classification once per label key of `classes` ({key: {"classnames", "templates"}})."""
+    results = []
+    for task in tasks:
+        if task == "retrieval":
+            results.append(retrieval(model, tokenizer, images, dataset, ks=ks, **encode))
+        elif task == "long_caption_retrieval":
+            results.append(long_caption_retrieval(model, tokenizer, images, dataset, ks=ks, **encode))
+        elif task == "hard_negatives":
+            if any(a.get("hard_negatives") for a in images.annotations):
+                results.append(hard_negatives(model, tokenizer, images, dataset, **encode))
+        elif task == "classification":
+            for key, spec in classes.items():
+                results.append(classification(model, tokenizer, images, dataset, key, spec["classnames"],
+                                              spec["templates"], **encode))
+        else:
+            raise ValueError(f"run_suite: unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    return results
