@@ -541,6 +541,8 @@ class LLM:
     architecture: str = "qwen2"  # path = "": model_type of the tiny LLM built from a config (qwen2, llama, ...)
     config: dict = field(default_factory=dict)  # path = "": config fields over finevit.model.vlm.TINY_LLM
     tokenizer: str = ""  # path = "": tokenizer directory; "": the dataset's offline-trained tokenizer
+    pretrain_steps: int = 40  # path = "": steps of text pretraining of the tiny LLM (train/llm_pretrain.py); 0: random
+    pretrain_dir: str = "runs/llm_tiny"  # path = "": where the pretrained tiny LLM is kept (rebuilt if settings change)
 
 
 @dataclass
@@ -641,5 +643,7 @@ class Stage2Config:
         for key in ("regions", "max_new_tokens", "probe_train_images", "probe_val_images"):
             if getattr(self.eval, key) < 1:
                 raise ConfigError(f"eval.{key} must be >= 1, got {getattr(self.eval, key)}")
+        if self.llm.pretrain_steps < 0:
+            raise ConfigError(f"llm.pretrain_steps must be >= 0, got {self.llm.pretrain_steps}")
         if self.merger.hidden < 0:
             raise ConfigError(f"merger.hidden must be >= 0, got {self.merger.hidden}")

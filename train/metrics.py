@@ -77,6 +77,38 @@ def training_flops(model_config, image_lengths, text_lengths, global_batch: int)
     return 3.0 * sum(forward_flops(model_config, image_lengths, text_lengths, global_batch).values())
 
 
+def vision_features_flops(v, image_lengths: torch.Tensor) -> float:
+    """Forward FLOPs of FineViT.forward_features (patch embedding + blocks; no pooling head)."""
+    n = image_lengths.double()
+    return v.depth * _block_flops(image_lengths, v.width, v.mlp_dim, v.mlp == "swiglu") + float(
+        (2 * n * v.patch_features * v.width).sum())
+
+
+def llm_forward_flops(llm_config, lengths: torch.Tensor, supervised: int) -> float:
+    """Forward FLOPs of a Qwen2/Llama-style decoder over sequences of `lengths` real tokens (padding not
+    counted), plus the LM head on the `supervised` positions only (VisionLanguageModel.forward)."""
+    h, layers = llm_config.hidden_size, llm_config.num_hidden_layers
+    heads = llm_config.num_attention_heads
+    head_dim = getattr(llm_config, "head_dim", None) or h // heads
+    kv = getattr(llm_config, "num_key_value_heads", None) or heads
+    per_token = 2 * (h * heads * head_dim * 2 + 2 * h * kv * head_dim + 3 * h * llm_config.intermediate_size)
+    n = lengths.double()
+    attention = 4 * n * n * heads * head_dim  # QK^T and AV, causal work counted in full (as FA's FLOP counts)
+    return float(layers * (per_token * n + attention).sum()) + 2.0 * h * llm_config.vocab_size * supervised
+
+
+def vlm_training_flops(vision_config, llm_config, merger_params: int, image_lengths: torch.Tensor,
+                       llm_lengths: torch.Tensor, supervised: int, freeze: str) -> float:
+    """Model FLOPs of one stage-2 micro-batch, forward + backward: 3 × forward for trained parts; 2 × for the
+    frozen LLM that the backward crosses (input gradients, no weight gradients); 1 × for a frozen encoder,
+    which the backward does not reach."""
+    merged = float(image_lengths.double().sum()) / 4
+    vision = vision_features_flops(vision_config, image_lengths)
+    merger = 2.0 * merger_params * merged
+    llm = llm_forward_flops(llm_config, llm_lengths, supervised)
+    return (1 if freeze == "projector" else 3) * vision + 3 * merger + (3 if freeze == "none" else 2) * llm
+
+
 def sequence_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64).cpu()
 
@@ -210,12 +242,18 @@ class MetricsWriter:
 def format_progress(record: dict, total_steps: int, eta_s: float | None) -> str:
     """One console line per log step (rank 0)."""
     parts = [f"step {record['step']:>{len(str(total_steps))}}/{total_steps}",
-             f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
-             f"scale {record['logit_scale']:.1f}"]
+             f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+    parts += [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in record.items() if k.startswith("loss/")]
+    if "logit_scale" in record:
+        parts.append(f"scale {record['logit_scale']:.1f}")
     if "logit_bias" in record:
         parts.append(f"bias {record['logit_bias']:.2f}")
     parts += [f"gnorm {record['grad_norm']:.2f}", f"{record['images_per_s']:.1f} img/s",
-              f"{record['patch_tokens_per_s'] / 1e3:.1f}k patch/s", f"{record['text_tokens_per_s'] / 1e3:.1f}k txt/s"]
+              f"{record['patch_tokens_per_s'] / 1e3:.1f}k patch/s"]
+    if "text_tokens_per_s" in record:
+        parts.append(f"{record['text_tokens_per_s'] / 1e3:.1f}k txt/s")
+    if "llm_tokens_per_s" in record:
+        parts.append(f"{record['llm_tokens_per_s'] / 1e3:.1f}k llm tok/s")
     if record.get("mfu_pct") is not None:
         parts.append(f"mfu {record['mfu_pct']:.1f}%")
     parts += [f"data {record['data_wait_pct']:.0f}%", f"mem {record['peak_mem_gib']:.2f} GiB"]
@@ -259,8 +297,11 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     if not train:
         return None
     steps = [r["step"] for r in train]
-    panels = [("loss", ["loss"]), ("learning rate", ["lr"]), ("logit scale / bias", ["logit_scale", "logit_bias"]),
-              ("gradient norm", ["grad_norm"]), ("images/s", ["images_per_s"]), ("MFU %", ["mfu_pct"])]
+    task_losses = sorted({k for r in train for k in r if k.startswith("loss/")})
+    panels = [("loss", ["loss", *task_losses]), ("learning rate", ["lr"]),
+              ("logit scale / bias", ["logit_scale", "logit_bias"]), ("gradient norm", ["grad_norm"]),
+              ("images/s", ["images_per_s"]), ("MFU %", ["mfu_pct"])]
+    panels = [(title, keys) for title, keys in panels if any(k in r for r in train for k in keys)]
     eval_keys = sorted({k for r in evals for k in r if k.endswith("recall@1") or k.endswith("accuracy")
                         or k.endswith("acc1")})
     common = os.path.commonprefix([k.split("/", 1)[0] for k in eval_keys]) if eval_keys else ""  # the dataset name

@@ -59,16 +59,22 @@ def transformer_blocks(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
     return [(tower.blocks, i) for tower in (clip.vision, clip.text) for i in range(len(tower.blocks))]
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def vlm_blocks(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
+    """(container, index) of every FineViT block and every LLM decoder layer of a VisionLanguageModel."""
+    layers = model.llm.get_decoder().layers
+    return [(model.vision.blocks, i) for i in range(len(model.vision.blocks))] + [(layers, i) for i in range(len(layers))]
+
+
+def apply_activation_checkpointing(model: nn.Module, blocks: list | None = None) -> None:
     """Full activation checkpointing: each block's activations are recomputed in the backward."""
-    for blocks, i in transformer_blocks(model):
+    for blocks, i in (transformer_blocks(model) if blocks is None else blocks):
         blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """torch.compile each block (fullgraph): the blocks of a tower share one compiled graph."""
-    for blocks, i in transformer_blocks(model):
-        blocks[i] = torch.compile(blocks[i], fullgraph=True)
+def apply_compile(model: nn.Module, blocks: list | None = None, fullgraph: bool = True) -> None:
+    """torch.compile each block: the blocks of a tower share one compiled graph."""
+    for blocks, i in (transformer_blocks(model) if blocks is None else blocks):
+        blocks[i] = torch.compile(blocks[i], fullgraph=fullgraph)
 
 
 def mixed_precision(param_dtype: str, reduce_dtype: str, device: torch.device) -> MixedPrecisionPolicy:
@@ -81,9 +87,9 @@ def mixed_precision(param_dtype: str, reduce_dtype: str, device: torch.device) -
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,
-               reshard_after_forward: bool = True) -> None:
+               reshard_after_forward: bool = True, blocks: list | None = None) -> None:
     """fully_shard every transformer block, then the root (which takes the remaining parameters)."""
-    blocks = transformer_blocks(model)
+    blocks = transformer_blocks(model) if blocks is None else blocks
     for n, (container, i) in enumerate(blocks):
         # The last block's parameters are needed first in the backward: keep them gathered (torchtitan).
         reshard = reshard_after_forward and n < len(blocks) - 1
@@ -105,6 +111,28 @@ def parallelize(clip: nn.Module, mesh: DeviceMesh, *, activation_checkpoint: str
     if compile:
         apply_compile(model)
     apply_fsdp(model, mesh, mixed_precision(param_dtype, reduce_dtype, device), reshard_after_forward)
+    return model
+
+
+def parallelize_vlm(model: nn.Module, mesh: DeviceMesh, *, activation_checkpoint: str = "none",
+                    compile: bool = False, param_dtype: str = "auto", reduce_dtype: str = "float32",
+                    reshard_after_forward: bool = True) -> nn.Module:
+    """Stage 2: the same order over a VisionLanguageModel with its weights already loaded (the encoder from
+    stage 1, the LLM from its checkpoint): blocks are the encoder's and the LLM's decoder layers; the root
+    group holds the patch embedding, merger, token embeddings, final norms and LM head. Frozen parameters
+    (requires_grad False, set before this call) are sharded like the others and get no gradient
+    reduce-scatter. Compile is fullgraph for the encoder blocks, not for the LLM's (transformers layers)."""
+    device = torch.device(mesh.device_type)
+    blocks = vlm_blocks(model)
+    if activation_checkpoint == "full":
+        apply_activation_checkpointing(model, blocks)
+    elif activation_checkpoint != "none":
+        raise ValueError(f"activation_checkpoint must be 'none' or 'full', got {activation_checkpoint!r}")
+    if compile:
+        vision = len(model.vision.blocks)
+        apply_compile(model, blocks[:vision])
+        apply_compile(model, blocks[vision:], fullgraph=False)
+    apply_fsdp(model, mesh, mixed_precision(param_dtype, reduce_dtype, device), reshard_after_forward, blocks)
     return model
 
 

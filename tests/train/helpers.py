@@ -12,6 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE1 = REPO / "train" / "stage1.py"
+STAGE2 = REPO / "train" / "stage2.py"
 
 # A model and data small enough that a 2-process step takes well under a second on a CPU core.
 TINY = [
@@ -40,11 +41,12 @@ def environment() -> dict:
 
 
 def torchrun(args: list[str], nproc: int = 2, launcher: list[str] | None = None, timeout: float = 240,
-             check: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun [launcher args] --nproc_per_node=N train/stage1.py ARGS` in a subprocess, output captured."""
+             check: bool = True, script: Path = STAGE1) -> subprocess.CompletedProcess:
+    """`torchrun [launcher args] --nproc_per_node=N train/stage1.py ARGS` (or `script`) in a subprocess, output
+    captured."""
     launcher = launcher if launcher is not None else ["--standalone"]
     command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}",
-               str(STAGE1), *args]
+               str(script), *args]
     result = run_group(command, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
