@@ -188,6 +188,10 @@ class Trainer(TrainerBase):
         vision, self.clip_dir = load_encoder(cfg, cfg.job.seed)
         from transformers import AutoTokenizer
 
+        if cfg.llm.path and not (Path(cfg.llm.path) / "config.json").is_file():
+            raise FileNotFoundError(f"llm.path={cfg.llm.path!r} is not a transformers checkpoint directory (no "
+                                    f"config.json); download one first, e.g. huggingface-cli download "
+                                    f"Qwen/Qwen2.5-0.5B --local-dir {cfg.llm.path}")
         tokenizer_dir = cfg.llm.tokenizer or str(dataset_tokenizer)
         self.llm_dir = cfg.llm.path or (self.pretrain_llm(tokenizer_dir) if cfg.llm.pretrain_steps else "")
         # The tiny LLM's tokenizer is the dataset's (loading it from the LLM's directory would let its config.json

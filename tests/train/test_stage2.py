@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from finevit.model import FineCLIP, FineCLIPConfig, FineViT
-from tests.train.helpers import STAGE2, run_group, torchrun, train_records
+from tests.train.helpers import REPO, STAGE2, run_group, torchrun, train_records
 from train import config as C
 from train.stage2 import set_trainable
 
@@ -121,3 +121,12 @@ def test_config_errors_name_the_key():
         C.parse_args(["--tasks.region_caption=0", "--tasks.grounding=0", "--tasks.global_caption=0"], C.Stage2Config)
     cfg = C.parse_args(["--llm.config.hidden_size=96", "--llm.config.rope_scaling=null"], C.Stage2Config)
     assert cfg.llm.config == {"hidden_size": 96, "rope_scaling": None}
+
+
+def test_gpu_config_and_embedded_default():
+    configs = REPO / "configs" / "stage2"
+    assert C.parse_args(["--config", str(configs / "tiny.toml")], C.Stage2Config) == C.parse_args([], C.Stage2Config)
+    cfg = C.parse_args(["--config", str(configs / "so400m14_qwen2_5_0_5b.toml")], C.Stage2Config)
+    assert cfg.llm.path and cfg.freeze.mode == "llm" and cfg.training.param_dtype == "bfloat16"
+    assert cfg.data.max_pixels // (14 * 14) <= cfg.data.token_budget  # the largest image fits a micro-batch
+    assert cfg.data.max_pixels // (14 * 14) // 4 < cfg.tasks.max_length  # and its image tokens a sequence
