@@ -577,13 +577,23 @@ class Stage2Data(Data):
 
 
 @dataclass
+class Stage2LRScheduler(LRScheduler):
+    warmup_steps: int = 30  # linear warmup from lr/warmup_steps to lr
+
+
+@dataclass
+class Stage2Training(Training):
+    steps: int = 220  # optimizer steps
+
+
+@dataclass
 class Stage2Eval:
     interval: int = 0  # evaluate every this many steps; 0: only at the end
     at_end: bool = True  # evaluate the final model (and, at the start, the initial encoder's probe)
-    regions: int = 200  # val regions decoded for region captioning and for grounding
+    regions: int = 100  # val regions decoded for region captioning and for grounding
     max_new_tokens: int = 24  # greedy decoding length limit
-    probe_train_images: int = 1000  # train images whose regions fit the local-perception probe
-    probe_val_images: int = 500  # val images whose regions score it
+    probe_train_images: int = 600  # train images whose regions fit the local-perception probe
+    probe_val_images: int = 300  # val images whose regions score it
     retrieval: bool = True  # the stage-1 retrieval suite on the aligned encoder with its stage-1 text tower
     limit: int = 0  # retrieval suite: the first N val images; 0: all
     token_budget: int = 16384  # patches (or text tokens) per evaluation batch
@@ -607,8 +617,8 @@ class Stage2Config:
     freeze: Freeze = field(default_factory=Freeze)
     data: Stage2Data = field(default_factory=Stage2Data)
     optimizer: Optimizer = field(default_factory=Optimizer)
-    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
-    training: Training = field(default_factory=Training)
+    lr_scheduler: Stage2LRScheduler = field(default_factory=Stage2LRScheduler)
+    training: Stage2Training = field(default_factory=Stage2Training)
     parallelism: Parallelism = field(default_factory=Parallelism)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)

@@ -19,6 +19,8 @@ No torch.distributed here (DESIGN.md).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -174,8 +176,10 @@ class VisionLanguageModel(nn.Module):
             if bool(done.all()):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
-            out = self.llm(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                           past_key_values=out.past_key_values, use_cache=True)
+            with warnings.catch_warnings():  # newer transformers rename past_key_values; 4.57 knows only it
+                warnings.simplefilter("ignore", FutureWarning)
+                out = self.llm(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                               past_key_values=out.past_key_values, use_cache=True)
             next_position = next_position + 1
         return answers
 
