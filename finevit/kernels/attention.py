@@ -164,6 +164,28 @@ def _store_grad_chunk(X, stride_x_tok, rows, mask_rows, value, COS, SIN, stride_
         _store_chunk(X, stride_x_tok, rows, mask_rows, value, START, REAL, WIDTH)
 
 
+@triton.jit
+def _cu_blocks_kernel(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_S: tl.constexpr):
+    """The `_cu_blocks` table as one kernel, for callers without torch (the C export, `finevit.kernels.export`).
+
+    Program i writes row i of CU_BLOCKS (len(CU_BLOCK_SIZES), num_seqs + 1) int32: 0, then the running sum
+    of cdiv(seqlen, 16 << i) over the sequences, scanned BLOCK_S sequences at a time with a carry. Grid (4,).
+    """
+    size_index = tl.program_id(0)
+    block = 16 << size_index  # CU_BLOCK_SIZES[size_index]
+    row = CU_BLOCKS + size_index * (num_seqs + 1)
+    tl.store(row, 0)
+    carry = 0
+    for start in range(0, num_seqs, BLOCK_S):
+        offs = start + tl.arange(0, BLOCK_S)
+        mask = offs < num_seqs
+        lo = tl.load(CU_SEQLENS + offs, mask=mask, other=0)
+        hi = tl.load(CU_SEQLENS + offs + 1, mask=mask, other=0)
+        blocks = (hi - lo + block - 1) // block  # 0 for masked lanes
+        tl.store(row + 1 + offs, tl.cumsum(blocks, 0) + carry, mask=mask)
+        carry += tl.sum(blocks, 0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Kernels: forward
 # ----------------------------------------------------------------------------------------------------

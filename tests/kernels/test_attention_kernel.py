@@ -231,3 +231,14 @@ def test_attention_forward_and_backward_never_wait_for_the_host():
         attention.varlen_attention(*low, cu, 64, cos=cos, sin=sin).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("lengths", [[0], [1], [0, 17, 0, 129, 1, 300], [5] * 70])
+def test_cu_blocks_kernel_writes_the_launchers_work_list(lengths):
+    """The C export builds the (sequence, block) work list with `_cu_blocks_kernel` instead of torch ops:
+    the same table, with empty sequences and more sequences than one scan block (70 > BLOCK_S = 64)."""
+    cu = K.cu_seqlens_from_lengths(lengths).to(DEVICE)
+    expected = attention._cu_blocks(cu)
+    table = torch.full_like(expected, -1)
+    attention._cu_blocks_kernel[(len(attention.CU_BLOCK_SIZES),)](cu, table, len(lengths), BLOCK_S=64)
+    torch.testing.assert_close(table, expected, rtol=0, atol=0)
