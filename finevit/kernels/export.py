@@ -311,7 +311,7 @@ def write_sources(entries: list[Entry], out: str, targets) -> list[str]:
         tiles = ", ".join(str(t) for t in (list(e.tiles) + [0, 0, 0])[:3])
         rows.append(f"    {{{KERNEL_IDS[e.kernel]}, {e.target}, {dtype}, {e.dim}, {int(e.aligned)}, {int(e.has_bias)}, "
                     f"{e.align}, {{{tiles}}}, {e.num_warps}, {e.shared}, {len(PARAMS[e.kernel])}, {e.num_scratch}, "
-                    f'"{e.kernel}", {e.symbol}, {len(e.cubin)}, "{e.config}"}},')
+                    f'"{e.kernel}", {e.symbol}, {len(e.cubin)}, "{e.config.replace("·", "/")}"}},')
     table = [header, '#include "aot_table.h"\n']
     table += [f"extern const unsigned char {e.symbol}[];" for e in entries]
     table += ["", f'const char finevit_aot_triton_version[] = "{triton.__version__}";',
@@ -328,11 +328,7 @@ def write_sources(entries: list[Entry], out: str, targets) -> list[str]:
 
 
 def _write(path: str, text: str) -> str:
-    """Write `text` unless the file already holds it (an unchanged export triggers no rebuild)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return path
+    """Write `text` atomically (always: the build compares the outputs' times with the exporter's inputs)."""
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
