@@ -18,7 +18,7 @@ import textwrap
 import pytest
 import torch
 
-from finevit.kernels import compile_check
+from finevit.kernels import compile_check, export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = {name: shutil.which(name) for name in ("cmake", "ctest", "cc", "c++")}
@@ -133,3 +133,86 @@ def test_the_exporter_rejects_an_unknown_target_naming_the_option():
     done = run(sys.executable, "-m", "finevit.kernels.export", "--out", os.devnull, "--targets", "75", check=False,
                env={"PYTHONPATH": ROOT}, timeout=120)
     assert done.returncode == 2 and "--targets: 75 is not one of (80, 90)" in done.stderr, done.stderr
+
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# The C runtime's launches against the Python launchers', without a GPU
+# ----------------------------------------------------------------------------------------------------
+
+WORKSPACE = 0x60000000  # kernels/tests/launch_calls.cpp's fake addresses
+
+
+def c_launches(build_dir, log, sm, *arguments) -> list[dict]:
+    """kernels/tests/launch_calls.cpp's launches, written down by the fake driver (kernels/tests/fake_cuda.c)."""
+    kinds = {"*": "p", "i32": "i", "fp32": "f"}
+    signatures = ";".join(f"{name}:{''.join(kinds[kind] for _, kind in params)}"
+                          for name, params in export.PARAMS.items())
+    done = run(str(build_dir / "launch_calls"), *map(str, arguments), check=False, env={
+        "FINEVIT_CUDA_LIBRARY": str(build_dir / "libfake_cuda.so"), "FAKE_CUDA_LOG": str(log),
+        "FAKE_CUDA_SM": str(sm), "FAKE_CUDA_SIGNATURES": signatures})
+    assert done.returncode == 0, done.stdout + done.stderr
+    launches = []
+    for line in log.read_text().splitlines():
+        name, cubin, grid_x, grid_y, grid_z, block, shared, *values = line.split()
+        kinds_of = dict(export.PARAMS[name])
+        params = {n: float(v) if kinds_of[n] == "fp32" else int(v)
+                  for (n, _), v in zip(export.PARAMS[name], values)}
+        launches.append({"name": name, "cubin_bytes": int(cubin), "grid": [int(grid_x), int(grid_y), int(grid_z)],
+                         "block": int(block), "shared": int(shared), "params": params})
+    return launches
+
+
+ATTENTION_CASES = [(sm, ("attention", 0, 403, 3, 64, 4, rope, pad))  # 403 tokens in 4 sequences, 3 heads of 64
+                   for sm in (90, 86) for rope in (0, 1) for pad in (0, 8)]  # pad 8: generic variants
+OTHER_CASES = [(90, ("rope", 0, 1000, 5, 64)), (90, ("patch_embed", 0, 1000, 3, 16, 256, 1)),
+               (80, ("patch_embed", 0, 77, 3, 16, 512, 0))]
+
+
+@pytest.fixture(scope="module")
+def python_launches(build):
+    """{case: the Python launchers' launches}, from one process (tests/aot/python_launches.py)."""
+    build_dir, _ = build
+    cases = ATTENTION_CASES + OTHER_CASES
+    request = [[90 if sm == 90 else 80, *arguments] for sm, arguments in cases]
+    done = run(sys.executable, os.path.join(ROOT, "tests", "aot", "python_launches.py"),
+               str(build_dir / "aot" / "manifest.json"), json.dumps(request), env={"PYTHONPATH": ROOT}, timeout=300)
+    return dict(zip(cases, json.loads(done.stdout)))
+
+
+def assert_same_launches(c: list[dict], python: list[dict]):
+    """Same kernels, cubins (size), blocks, shared memory, grids and arguments; "workspace" arguments lie in the
+    workspace, "rotated:i" ones are the output of the i-th RoPE launch."""
+    assert [x["name"] for x in c] == [x["name"] for x in python]
+    rope_outputs = [x["params"]["OUT"] for x in c if x["name"] == "_rope_kernel"]
+    for got, expected in zip(c, python):
+        for key in ("cubin_bytes", "block", "shared", "grid"):
+            assert got[key] == expected[key], (got["name"], key, got[key], expected[key])
+        assert set(got["params"]) - set(expected["params"]) <= {"max_seqlen_bucket", "rows_bucket"}
+        for name, value in expected["params"].items():
+            actual = got["params"][name]
+            if value == "workspace":
+                assert WORKSPACE <= actual < WORKSPACE + 2**28 and actual % 256 == 0, (got["name"], name, hex(actual))
+            elif isinstance(value, str) and value.startswith("rotated:"):
+                assert actual == rope_outputs[int(value.split(":")[1])], (got["name"], name)
+            elif isinstance(value, float):
+                assert actual == pytest.approx(value, rel=1e-6), (got["name"], name)
+            else:
+                assert actual == value, (got["name"], name, actual, value)
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"sm{c[0]}-rope{c[1][6]}-pad{c[1][7]}")
+def test_c_attention_launches_what_the_python_launcher_launches(build, python_launches, tmp_path, case):
+    """Kernel order, cubin (variant and target), grid and every argument of finevit_varlen_attention equal
+    attention_fwd's on the same shapes, with q, k, v views of a qkv buffer; sm 8.6 runs the sm_80 cubins."""
+    build_dir, _ = build
+    sm, arguments = case
+    assert_same_launches(c_launches(build_dir, tmp_path / "log", sm, *arguments), python_launches[case])
+
+
+@pytest.mark.parametrize("case", OTHER_CASES, ids=lambda c: "-".join(map(str, c[1])))
+def test_c_rope_and_patch_embed_launch_what_the_python_launchers_launch(build, python_launches, tmp_path, case):
+    build_dir, _ = build
+    sm, arguments = case
+    assert_same_launches(c_launches(build_dir, tmp_path / "log", sm, *arguments), python_launches[case])
