@@ -7,6 +7,7 @@
  * are appended to), FAKE_CUDA_SIGNATURES ("name:kinds;..." with one character per runtime parameter, p pointer,
  * i int32, f float32, from finevit.kernels.export.PARAMS), so that parameter values can be read at their size.
  *
+ * Device memory is host memory (malloc), so test_gpu.cpp's flow runs too, its outputs unwritten.
  * cuModuleLoadData accepts only ELF images and cuModuleGetFunction only names present in the image. A launch
  * is logged as one line: "name cubin_bytes grid_x grid_y grid_z block_x shared_bytes value value ...".
  */
@@ -50,7 +51,7 @@ EXPORT CUresult cuCtxGetDevice(CUdevice *device) { *device = 0; return CUDA_SUCC
 EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) { (void)ctx; return CUDA_SUCCESS; }
 EXPORT CUresult cuCtxSynchronize(void) { return CUDA_SUCCESS; }
 EXPORT CUresult cuDeviceGet(CUdevice *device, int ordinal) { *device = ordinal; return CUDA_SUCCESS; }
-EXPORT CUresult cuDeviceGetCount(int *count) { *count = 0; return CUDA_SUCCESS; }
+EXPORT CUresult cuDeviceGetCount(int *count) { *count = 1; return CUDA_SUCCESS; }
 EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *ctx, CUdevice device) { (void)device; *ctx = (CUcontext)0x1; return CUDA_SUCCESS; }
 
 EXPORT CUresult cuDeviceGetAttribute(int *value, CUdevice_attribute attribute, CUdevice device) {
@@ -138,8 +139,22 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int grid_x, unsigned int g
   return CUDA_SUCCESS;
 }
 
-EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t bytes) { (void)ptr; (void)bytes; return CUDA_ERROR_NOT_SUPPORTED; }
-EXPORT CUresult cuMemFree_v2(CUdeviceptr ptr) { (void)ptr; return CUDA_ERROR_NOT_SUPPORTED; }
-EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t bytes) { (void)dst; (void)src; (void)bytes; return CUDA_ERROR_NOT_SUPPORTED; }
-EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t bytes) { (void)dst; (void)src; (void)bytes; return CUDA_ERROR_NOT_SUPPORTED; }
-EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t count) { (void)dst; (void)value; (void)count; return CUDA_ERROR_NOT_SUPPORTED; }
+/* Host memory stands in for device memory (for running test_gpu.cpp's flow, whose outputs stay unwritten). */
+EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t bytes) {
+  void *memory = malloc(bytes);
+  *ptr = (CUdeviceptr)(uintptr_t)memory;
+  return memory ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+}
+EXPORT CUresult cuMemFree_v2(CUdeviceptr ptr) { free((void *)(uintptr_t)ptr); return CUDA_SUCCESS; }
+EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t bytes) {
+  memcpy((void *)(uintptr_t)dst, src, bytes);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t bytes) {
+  memcpy(dst, (const void *)(uintptr_t)src, bytes);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t count) {
+  memset((void *)(uintptr_t)dst, value, count);
+  return CUDA_SUCCESS;
+}

@@ -1,13 +1,15 @@
 """Inputs and expected outputs for the C library's GPU test (ctest `gpu_kernels`, kernels/tests/test_gpu.cpp).
 
-    python tests/aot/make_inputs.py --out DIR --manifest build/aot/manifest.json
+    python tests/aot/make_inputs.py --out DIR --manifest build/aot/manifest.json [--device cpu --target 90]
 
 For every kernel the export holds for this GPU's target (manifest.json), writes raw little-endian arrays and
 one line per case in DIR/cases.txt ("op key=value ..."): the inputs, the float64 reference output
 (`finevit.kernels.reference`), the output of `finevit.kernels` (the same Triton kernels, JIT-compiled and
 autotuned) and the bound the C output's error against float64 must meet: 2x the error of `finevit.kernels`
 (tests/kernels' rule), plus the output dtype's half ulp at the largest magnitude for a 0 error.
-Exits 77 (ctest's skip code) without a CUDA device.
+Exits 77 (ctest's skip code) without a CUDA device. `--device cpu --target T` writes the cases of target T
+from CPU tensors (finevit.kernels' CPU path): how tests/aot/test_cmake_build.py checks the GPU test itself
+(its parsing, and that it fails on outputs no kernel wrote) on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -39,23 +41,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--manifest", required=True, help="the exporter's manifest.json")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--target", type=int, help="the export target whose kernels to cover (default: the GPU's)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
         print("make_inputs: no CUDA device, nothing to compare (skipped)")
         return SKIP
-    os.environ.setdefault("FINEVIT_KERNELS", "triton")
+    if device == "cuda":
+        os.environ.setdefault("FINEVIT_KERNELS", "triton")
     import finevit.kernels as K
     from finevit.kernels import reference
 
-    major, minor = torch.cuda.get_device_capability()
-    target = 80 if major == 8 else 90 if (major, minor) == (9, 0) else None
+    target = args.target
+    if target is None:
+        major, minor = torch.cuda.get_device_capability()
+        target = 80 if major == 8 else 90 if (major, minor) == (9, 0) else None
     with open(args.manifest) as f:
         entries = [e for e in json.load(f)["entries"] if e["target"] == target]
     os.makedirs(args.out, exist_ok=True)
     names = {"fp16": torch.float16, "bf16": torch.bfloat16}
     lines = []
     torch.manual_seed(0)
-    device = "cuda"
 
     attention = sorted({(e["dtype"], e["dim"]) for e in entries if e["kernel"] == "_attn_fwd_kernel"})
     for dtype_name, head_dim in attention:

@@ -216,3 +216,25 @@ def test_c_rope_and_patch_embed_launch_what_the_python_launchers_launch(build, p
     build_dir, _ = build
     sm, arguments = case
     assert_same_launches(c_launches(build_dir, tmp_path / "log", sm, *arguments), python_launches[case])
+
+
+def test_the_gpu_test_reads_the_python_inputs_and_fails_on_outputs_no_kernel_wrote(build, tmp_path):
+    """The GPU test's own flow without a GPU: make_inputs.py writes its cases from CPU tensors, and test_gpu runs
+    them on the fake driver, whose memory is host memory and whose launches do nothing. Every output stays
+    NaN-poisoned, so every case must fail; finevit.kernels' outputs, read back through the same fp16 decoding,
+    must be within their bound of the float64 reference (the file formats and conversions agree)."""
+    build_dir, _ = build
+    inputs = tmp_path / "inputs"
+    run(sys.executable, os.path.join(ROOT, "tests", "aot", "make_inputs.py"), "--out", str(inputs), "--manifest",
+        str(build_dir / "aot" / "manifest.json"), "--device", "cpu", "--target", "90", env={"PYTHONPATH": ROOT})
+    kinds = {"*": "p", "i32": "i", "fp32": "f"}
+    done = run(str(build_dir / "test_gpu"), str(inputs), check=False, env={
+        "FINEVIT_CUDA_LIBRARY": str(build_dir / "libfake_cuda.so"), "FAKE_CUDA_LOG": str(tmp_path / "log"),
+        "FAKE_CUDA_SM": "90", "FAKE_CUDA_SIGNATURES": ";".join(
+            f"{name}:{''.join(kinds[kind] for _, kind in params)}" for name, params in export.PARAMS.items())})
+    lines = [line for line in done.stdout.splitlines() if " vs float64 " in line]
+    assert done.returncode == 1 and len(lines) == 5 and "0 of 5 cases passed" in done.stdout, done.stdout
+    for line in lines:
+        match = re.search(r"^FAILED (\S+): max error nan vs float64 \(finevit.kernels ([\d.e+-]+), bound ([\d.e+-]+)\)",
+                          line)
+        assert match and 0 < float(match.group(2)) <= float(match.group(3)), line

@@ -233,12 +233,10 @@ def test_attention_forward_and_backward_never_wait_for_the_host():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("lengths", [[0], [1], [0, 17, 0, 129, 1, 300], [5] * 70])
-def test_cu_blocks_kernel_writes_the_launchers_work_list(lengths):
-    """The C export builds the (sequence, block) work list with `_cu_blocks_kernel` instead of torch ops:
-    the same table, with empty sequences and more sequences than one scan block (70 > BLOCK_S = 64)."""
+@pytest.mark.parametrize("lengths", [[0], [1], [0, 17, 0, 129, 1, 300], [5] * 300])
+def test_cu_blocks_kernel_writes_the_cumulative_block_counts_of_every_block_size(lengths):
+    """The work list (`_cu_blocks_kernel`, also launched by the C export): row i holds 0 then the running sum of
+    cdiv(seqlen, 16 << i), with empty sequences and more sequences than one scan step (300 > 256)."""
     cu = K.cu_seqlens_from_lengths(lengths).to(DEVICE)
-    expected = attention._cu_blocks(cu)
-    table = torch.full_like(expected, -1)
-    attention._cu_blocks_kernel[(len(attention.CU_BLOCK_SIZES),)](cu, table, len(lengths), BLOCK_S=64)
-    torch.testing.assert_close(table, expected, rtol=0, atol=0)
+    expected = [[0] + torch.tensor([-(-n // size) for n in lengths]).cumsum(0).tolist() for size in (16, 32, 64, 128)]
+    assert attention._cu_blocks(cu).tolist() == expected
