@@ -70,7 +70,6 @@ QUICK = {"head_dims": (64,), "dtypes": ("fp16",), "patch_sizes": (16,)}
 # finevit_dtype and the kernel ids of kernels/include/finevit_kernels.h and kernels/src/aot_table.h.
 C_DTYPES = {"fp16": 0, "bf16": 1}
 KERNEL_IDS = {"_cu_blocks_kernel": 0, "_rope_kernel": 1, "_attn_fwd_kernel": 2, "_patch_embed_fwd_kernel": 3}
-CU_BLOCKS_BLOCK_S = 256  # sequences per scan step of the work-list kernel
 
 # The runtime parameters of each exported kernel in order, with their type ("*" pointer, "i32", "fp32"): the
 # C runtime passes exactly these. The export fails when a kernel's signature no longer matches.
@@ -130,8 +129,9 @@ class Entry:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _record_attention(head_dim: int, dtype: torch.dtype) -> tuple[compile_check.Launch, compile_check.Launch]:
-    """(the RoPE launch on q, the attention forward launch) of `varlen_attention` with full-width RoPE."""
+def _record_attention(head_dim: int, dtype: torch.dtype) -> tuple[compile_check.Launch, ...]:
+    """(the RoPE launch on q, the work-list launch, the attention forward launch) of `varlen_attention` with
+    full-width RoPE."""
     lengths = [1, 17, 129, 256]
     cu_seqlens = compile_check.cu_seqlens_from_lengths(lengths)
     q, k, v = (torch.empty(sum(lengths), 4, head_dim, dtype=dtype) for _ in range(3))
@@ -142,8 +142,8 @@ def _record_attention(head_dim: int, dtype: torch.dtype) -> tuple[compile_check.
 
     launches = compile_check.record(compile_check.Case("attention", f"d{head_dim}", run))
     names = [_jit(launch.kernel).__name__ for launch in launches]
-    assert names == ["_rope_kernel", "_rope_kernel", "_attn_fwd_kernel"], names
-    return launches[0], launches[2]
+    assert names == ["_rope_kernel", "_rope_kernel", "_cu_blocks_kernel", "_attn_fwd_kernel"], names
+    return launches[0], launches[2], launches[3]
 
 
 def _record_patch_embed(patch: int, dtype: torch.dtype, has_bias: bool) -> compile_check.Launch:
@@ -245,14 +245,15 @@ def export_entries(targets=TARGETS, head_dims=HEAD_DIMS, dtypes=tuple(DTYPES), p
                    log=print) -> list[Entry]:
     """Every exported specialization, compiled (see the module docstring)."""
     entries = []
-    cu_blocks = _module("attention")._cu_blocks_kernel
+    _, blocks_launch, _ = _record_attention(head_dims[0], DTYPES[dtypes[0]])  # the same for every head dim, dtype
+    blocks = _jit(blocks_launch.kernel)
+    blocks_values = dict(zip(blocks.arg_names, blocks_launch.args))
     for target in targets:
-        values = {"CU_SEQLENS": torch.empty(1, dtype=torch.int32), "CU_BLOCKS": torch.empty(1, dtype=torch.int32)}
-        variant = _variant(cu_blocks, values, {"BLOCK_S": CU_BLOCKS_BLOCK_S, "num_warps": 4}, None, aligned=False)
+        variant = _variant(blocks, blocks_values, blocks_launch.kwargs, None, aligned=False)
         entries.append(_entry([variant], target, "", 0, aligned=False, log=log))
     for dtype in dtypes:
         for head_dim in head_dims:
-            rope_launch, attn_launch = _record_attention(head_dim, DTYPES[dtype])
+            rope_launch, _, attn_launch = _record_attention(head_dim, DTYPES[dtype])
             rope = _jit(rope_launch.kernel)
             rope_values = dict(zip(rope.arg_names, rope_launch.args))
             rope_constexprs = {**rope_launch.kwargs, **_module("rope")._block_sizes(16, head_dim, head_dim // 2)}

@@ -73,9 +73,7 @@ def attention(manifest, target, dtype_code, tokens, heads, dim, num_seqs, rope, 
     # RoPE, q~ and k~ are dense in the workspace, so the attention's alignment is decided by v and out alone.
     aligned = pad == 0 and (3 * heads * dim) % 16 == 0 and dim % 16 == 0
     blocks = _entry(manifest, "_cu_blocks_kernel", target, "", 0, False)
-    expected = [{"name": "_cu_blocks_kernel", "cubin_bytes": blocks["bytes"], "block": 32 * blocks["num_warps"],
-                 "shared": blocks["shared"], "grid": (4, 1, 1),
-                 "params": {"CU_SEQLENS": CU, "CU_BLOCKS": "workspace", "num_seqs": num_seqs}}]
+    expected = [_describe(recorded[2 if rope else 0], blocks, (4,), address)]
     if rope:
         entry = _entry(manifest, "_rope_kernel", target, dtype_name, dim, aligned and (dim // 2) % 16 == 0)
         for i, launch in enumerate(recorded[:2]):
