@@ -42,7 +42,6 @@ is an upper bound known from shapes alone, and programs past the last work item 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -162,6 +161,28 @@ def _store_grad_chunk(X, stride_x_tok, rows, mask_rows, value, COS, SIN, stride_
         tl.store(ptr + ROT_HALF, (g2 * cos - g1 * sin).to(X.dtype.element_ty), mask=mask)
     else:
         _store_chunk(X, stride_x_tok, rows, mask_rows, value, START, REAL, WIDTH)
+
+
+@triton.jit
+def _cu_blocks_kernel(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_S: tl.constexpr):
+    """The (sequence, block) work list of `_find_work_item`, built on the device (`_cu_blocks`, the C export).
+
+    Program i writes row i of CU_BLOCKS (len(CU_BLOCK_SIZES), num_seqs + 1) int32: 0, then the running sum
+    of cdiv(seqlen, 16 << i) over the sequences, scanned BLOCK_S sequences at a time with a carry. Grid (4,).
+    """
+    size_index = tl.program_id(0)
+    block = 16 << size_index  # CU_BLOCK_SIZES[size_index]
+    row = CU_BLOCKS + size_index * (num_seqs + 1)
+    tl.store(row, 0)
+    carry = 0
+    for start in range(0, num_seqs, BLOCK_S):
+        offs = start + tl.arange(0, BLOCK_S)
+        mask = offs < num_seqs
+        lo = tl.load(CU_SEQLENS + offs, mask=mask, other=0)
+        hi = tl.load(CU_SEQLENS + offs + 1, mask=mask, other=0)
+        blocks = (hi - lo + block - 1) // block  # 0 for masked lanes
+        tl.store(row + 1 + offs, tl.cumsum(blocks, 0) + carry, mask=mask)
+        carry += tl.sum(blocks, 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -558,20 +579,21 @@ def matmul_channels(head_dim: int, rotary_dim: int) -> int:
     return sum(plan[f"QK{i}_WIDTH"] for i in range(NUM_QK_CHUNKS) if plan[f"QK{i}_REAL"])
 
 
-@functools.lru_cache(maxsize=None)
-def _block_sizes_on(device: torch.device) -> torch.Tensor:
-    """CU_BLOCK_SIZES as a (4, 1) tensor on `device`, made once: `torch.tensor(list, device=cuda)` is a
-    host-to-device copy that blocks the host, and `_cu_blocks` runs on every attention call (forward and
-    backward of every layer: 24 host syncs per ViT-B training step on an H100, 17% of its time)."""
-    return torch.tensor(CU_BLOCK_SIZES, device=device)[:, None]
+CU_BLOCKS_SCAN = 256  # sequences per scan step of `_cu_blocks_kernel`
 
 
 def _cu_blocks(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """int32 (len(CU_BLOCK_SIZES), num_seqs + 1): cumulative cdiv(seqlen, block) per block size, on device."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)  # (S,)
-    sizes = _block_sizes_on(cu_seqlens.device)  # (4, 1)
-    blocks = torch.div(lengths[None, :] + sizes - 1, sizes, rounding_mode="floor")  # (4, S)
-    return torch.nn.functional.pad(blocks.cumsum(1), (1, 0)).to(torch.int32).contiguous()
+    """int32 (len(CU_BLOCK_SIZES), num_seqs + 1): cumulative cdiv(seqlen, block) per block size, on device.
+
+    One kernel (`_cu_blocks_kernel`), no host sync: it runs on every attention call (forward and backward of
+    every layer), and the C export (`finevit.kernels.export`) launches the same kernel. (The torch-ops version it
+    replaces needed a cached device tensor of the block sizes: building it per call was a host-to-device copy,
+    24 host syncs per ViT-B training step on an H100, 17% of its time.)
+    """
+    num_seqs = cu_seqlens.shape[0] - 1
+    table = torch.empty((len(CU_BLOCK_SIZES), num_seqs + 1), dtype=torch.int32, device=cu_seqlens.device)
+    wrap_triton(_cu_blocks_kernel)[(len(CU_BLOCK_SIZES),)](cu_seqlens, table, num_seqs, BLOCK_S=CU_BLOCKS_SCAN)
+    return table
 
 
 def _configs(names, shapes):

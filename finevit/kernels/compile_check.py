@@ -281,6 +281,7 @@ class Launch:
     kernel: object  # a JITFunction, or an Autotuner over one
     args: tuple
     kwargs: dict
+    grid: object = None  # the launcher's grid: a tuple, or a function of the config's constexprs
 
 
 def record(case: Case) -> list[Launch]:
@@ -294,7 +295,7 @@ def record(case: Case) -> list[Launch]:
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(Launch(self.kernel, args, kwargs))
+            return lambda *args, **kwargs: launches.append(Launch(self.kernel, args, kwargs, grid))
 
     with contextlib.ExitStack() as stack:
         for name in KERNEL_MODULES:

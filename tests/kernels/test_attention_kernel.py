@@ -231,3 +231,12 @@ def test_attention_forward_and_backward_never_wait_for_the_host():
         attention.varlen_attention(*low, cu, 64, cos=cos, sin=sin).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("lengths", [[0], [1], [0, 17, 0, 129, 1, 300], [5] * 300])
+def test_cu_blocks_kernel_writes_the_cumulative_block_counts_of_every_block_size(lengths):
+    """The work list (`_cu_blocks_kernel`, also launched by the C export): row i holds 0 then the running sum of
+    cdiv(seqlen, 16 << i), with empty sequences and more sequences than one scan step (300 > 256)."""
+    cu = K.cu_seqlens_from_lengths(lengths).to(DEVICE)
+    expected = [[0] + torch.tensor([-(-n // size) for n in lengths]).cumsum(0).tolist() for size in (16, 32, 64, 128)]
+    assert attention._cu_blocks(cu).tolist() == expected
