@@ -8,6 +8,7 @@
 #                         under compute-sanitizer's memcheck, when it is installed
 #      warmup/            and sharded warm-up runs of the benches fill Triton's compile cache in
 #                         parallel (autotuning compiles every candidate; the timed runs then only load them)
+#      aot.log            then the C library's export + CMake build + ctest, its GPU test included (tests/aot)
 #   3. one --quick run of each bench (attention, loss, patch_embed, integrations, train_step when present),
 #      one after the other on an otherwise idle GPU: JSON / markdown / PNG and a log each
 #   4. summary.txt        every stage's exit status and the targets each bench printed
@@ -58,6 +59,17 @@ env -u FINEVIT_ATTENTION_TUNING timeout 200 python -m pytest -q -rfE --maxfail=1
   tests/kernels tests/integrations tests/model/test_triton_path.py > "$out/pytest.log" 2>&1
 rc=$?
 note "tests exit $rc: $(tail -n 1 "$out/pytest.log")"
+# The C library (issue 11): export, CMake build and ctest, whose gpu_kernels test runs every exported kernel
+# through the C API against finevit.kernels' outputs on this GPU. Needs cmake and a C/C++ compiler.
+if command -v cmake > /dev/null && command -v cc > /dev/null; then
+  env -u FINEVIT_ATTENTION_TUNING timeout 300 python -m pytest -q -rfE -p no:cacheprovider tests/aot \
+    > "$out/aot.log" 2>&1
+  aot=$?
+  note "C library (tests/aot, ctest gpu_kernels) exit $aot: $(tail -n 1 "$out/aot.log")"
+  [ $aot -ne 0 ] && failed=1
+else
+  note "C library: skipped (no cmake or C compiler on this machine)"
+fi
 [ "$rc" -eq 0 ] || failed=1
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -n 40 | tee -a "$summary"
 if [ -n "$sanitizer_pid" ]; then
