@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:  # `torchrun train/stageN.py` puts train/ first on
 from finevit.data import PackedLoader  # noqa: E402
 from train import config as C  # noqa: E402
 from train.checkpoint import CheckpointManager, sigkill_self  # noqa: E402
+from train.metrics import format_progress, peak_memory_gib, plot_curves  # noqa: E402
 
 logger = logging.getLogger("finevit.train")
 
@@ -308,6 +309,43 @@ class TrainerBase:
         param = param.detach()
         return float(param.full_tensor() if hasattr(param, "full_tensor") else param)
 
+    def skipped_samples(self) -> dict[str, int]:
+        """The data pipeline's skipped-sample counters summed over ranks (a collective)."""
+        per_rank = [None] * self.world_size
+        dist.all_gather_object(per_rank, self.data.loader.stats()["skipped"], group=self.group)
+        skipped: dict[str, int] = {}
+        for counts in per_rank:
+            for reason, n in counts.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        return skipped
+
+    def utilization(self, elapsed: float, flops: float, data_seconds: float) -> dict:
+        """Model TFLOP/s per process, MFU, data-wait share (over all ranks' time), peak memory, wall time."""
+        per_rank_elapsed = elapsed * self.world_size
+        return {"tflops_per_s_per_process": flops / per_rank_elapsed / 1e12,
+                "mfu_pct": 100 * flops / per_rank_elapsed / self.peak_flops if self.peak_flops else None,
+                "data_wait_pct": 100 * data_seconds / per_rank_elapsed,
+                "peak_mem_gib": peak_memory_gib(self.device), "elapsed_s": time.perf_counter() - self.started}
+
+    def publish(self, record: dict, elapsed: float) -> None:
+        """Add GPU telemetry, write the train record (rank 0: metrics.jsonl and a progress line), reset the
+        meter and the peak-memory counter."""
+        record.update(self.gpu.read())
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.is_main:
+            self.writer.write(record)
+            remaining = self.cfg.training.steps - self.step
+            eta = elapsed / max(1, self.meter.steps) * remaining if self.meter.steps else None
+            print(format_progress(record, self.cfg.training.steps, eta), flush=True)
+        self.meter.reset()
+
+    def summary_head(self, title: str) -> list[str]:
+        """The summary table's title and step lines."""
+        return ["", "=" * 78, f"{title} — {self.run_dir}", "=" * 78,
+                f"steps        {self.step} (this run: {self.step - self.resumed_from}"
+                + (f", resumed from step {self.resumed_from})" if self.resumed_from else ")")]
+
     def should_log(self) -> bool:
         return self.step % self.cfg.metrics.log_freq == 0 or self.step == self.cfg.training.steps or self.step == 1
 
@@ -335,6 +373,62 @@ class TrainerBase:
         self.checkpointer.close()
         self.train_seconds = time.perf_counter() - train_started
 
+    def _eval_threads(self) -> int:
+        """On CPU, rank 0 evaluates while the other ranks wait: let it use their cores. Returns the thread
+        count to restore."""
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(threads, len(os.sched_getaffinity(0))))
+        return threads
+
+    def evaluate(self) -> dict:
+        """Run `_evaluate_on_rank0` on an unsharded copy of the model (`full_model()`, a collective) on rank 0
+        while the others wait; returns its record (empty on the other ranks)."""
+        started = time.perf_counter()
+        model = self.full_model()
+        record = {}
+        if self.is_main:
+            threads = self._eval_threads()
+            try:
+                record = self._evaluate_on_rank0(model)
+            finally:
+                torch.set_num_threads(threads)
+            del model
+        dist.barrier()
+        self.eval_seconds += time.perf_counter() - started
+        return record
+
+    def finish(self) -> None:
+        """Final evaluation, export, curves and the summary table (printed and in run_dir/summary.txt)."""
+        cfg = self.cfg
+        final = self.evaluate() if cfg.eval.at_end else {}
+        exported = self.export() if cfg.checkpoint.export else None
+        if self.is_main:
+            if cfg.metrics.plot:
+                plot_curves(self.writer.path, self.run_dir / "training_curves.png")
+            summary = self.summary(final, exported)
+            print(summary, flush=True)
+            (self.run_dir / "summary.txt").write_text(summary + "\n")
+            self.writer.close()
+
     def close(self) -> None:
         dist.barrier()  # a gloo exit right after collectives can abort without it (DESIGN.md)
         dist.destroy_process_group()
+
+
+def run(trainer_class: type, config_class: type, argv: list[str] | None = None) -> int:
+    """A trainer script's main: parse the configuration (exit status 2 on an error, which names the key),
+    train, finish, and leave the process group cleanly whatever happened."""
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s: %(message)s")
+    try:
+        cfg = C.parse_args(argv, config_class)
+    except C.ConfigError as exc:
+        print(f"{trainer_class.name}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    trainer = trainer_class(cfg)
+    try:
+        trainer.train()
+        trainer.finish()
+    finally:
+        trainer.close()
+    return 0

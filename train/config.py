@@ -541,7 +541,7 @@ class LLM:
     architecture: str = "qwen2"  # path = "": model_type of the tiny LLM built from a config (qwen2, llama, ...)
     config: dict = field(default_factory=dict)  # path = "": config fields over finevit.model.vlm.TINY_LLM
     tokenizer: str = ""  # path = "": tokenizer directory; "": the dataset's offline-trained tokenizer
-    pretrain_steps: int = 40  # path = "": steps of text pretraining of the tiny LLM (train/llm_pretrain.py); 0: random
+    pretrain_steps: int = 100  # path = "": steps of text pretraining of the tiny LLM (train/llm_pretrain.py); 0: random
     pretrain_dir: str = "runs/llm_tiny"  # path = "": where the pretrained tiny LLM is kept (rebuilt if settings change)
 
 

@@ -25,9 +25,7 @@ of a step are fetched first). tests/train/test_fsdp_step.py checks this against 
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -48,9 +46,9 @@ from finevit.model import FineCLIP  # noqa: E402
 from train import config as C  # noqa: E402
 from train.checkpoint import ModelState, OptimizerState  # noqa: E402
 from train.common import (DataStream, TrainerBase, build_optimizer, clip_grad_norm_, data_paths,  # noqa: E402
-                          ensure_dataset, lr_factor)
-from train.metrics import (GPUMonitor, Meter, MetricsWriter, format_progress, format_seconds,  # noqa: E402
-                           peak_flops, peak_memory_gib, plot_curves, sequence_lengths, training_flops)
+                          ensure_dataset, lr_factor, run)
+from train.metrics import (GPUMonitor, Meter, MetricsWriter, format_seconds, peak_flops,  # noqa: E402
+                           sequence_lengths, training_flops)
 from train.parallelize import ContrastiveModel, materialize, parallelize  # noqa: E402
 
 
@@ -201,37 +199,19 @@ class Trainer(TrainerBase):
         counts = self.meter.as_tensor().to(self.device)
         dist.all_reduce(counts, group=self.group)
         images, patches, text_tokens, flops, data_seconds = counts.tolist()
-        skipped_all = [None] * self.world_size
-        dist.all_gather_object(skipped_all, self.data.loader.stats()["skipped"], group=self.group)
-        skipped: dict[str, int] = {}
-        for s in skipped_all:
-            for reason, n in s.items():
-                skipped[reason] = skipped.get(reason, 0) + n
+        skipped = self.skipped_samples()
         elapsed = time.perf_counter() - self.meter.started
-        per_rank_elapsed = elapsed * self.world_size
         record = {
             "kind": "train", "step": self.step, "loss": loss, "lr": out["lr"],
             "logit_scale": math.exp(self._scalar(self.model.clip.logit_scale)),
             "grad_norm": float(out["grad_norm"]),
             "images_per_s": images / elapsed, "patch_tokens_per_s": patches / elapsed,
             "text_tokens_per_s": text_tokens / elapsed,
-            "tflops_per_s_per_process": flops / per_rank_elapsed / 1e12,
-            "mfu_pct": 100 * flops / per_rank_elapsed / self.peak_flops if self.peak_flops else None,
-            "data_wait_pct": 100 * data_seconds / per_rank_elapsed,
-            "peak_mem_gib": peak_memory_gib(self.device), "skipped": skipped,
-            "elapsed_s": time.perf_counter() - self.started,
+            **self.utilization(elapsed, flops, data_seconds), "skipped": skipped,
         }
         if self.model.clip.logit_bias is not None:
             record["logit_bias"] = self._scalar(self.model.clip.logit_bias)
-        record.update(self.gpu.read())
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        if self.is_main:
-            self.writer.write(record)
-            remaining = self.cfg.training.steps - self.step
-            eta = elapsed / max(1, self.meter.steps) * remaining if self.meter.steps else None
-            print(format_progress(record, self.cfg.training.steps, eta), flush=True)
-        self.meter.reset()
+        self.publish(record, elapsed)
 
     # -- evaluation and export ----------------------------------------------------------------------
 
@@ -246,37 +226,19 @@ class Trainer(TrainerBase):
         model.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True, assign=True)
         return model.to(self.device).eval()
 
-    def evaluate(self) -> dict:
-        """Run the eval suite on rank 0 (the others wait); JSON results under run_dir/eval/step-N."""
-        started = time.perf_counter()
-        model = self.full_model()
-        summary = {}
-        if self.is_main:
-            summary = self._evaluate_on_rank0(model)
-            del model
-        dist.barrier()
-        self.eval_seconds += time.perf_counter() - started
-        return summary
-
     @torch.no_grad()
     def _evaluate_on_rank0(self, model: FineCLIP) -> dict:
         from finevit.eval import tasks as T
         from finevit.eval.encode import embed_images
 
         cfg = self.cfg.eval
-        threads = torch.get_num_threads()
-        if self.device.type == "cpu":  # the other ranks wait: use their cores too
-            torch.set_num_threads(max(threads, len(os.sched_getaffinity(0))))
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
         budget = max(cfg.token_budget, self.image_config.max_patches)
-        try:
-            images = embed_images(model, self.val_shards, self.image_config, budget, self.device, dtype,
-                                  cfg.limit or None, progress=False)
-            encode = {"token_budget": cfg.token_budget, "device": self.device, "dtype": dtype}
-            dataset = "finevit-synth_val" if not self.cfg.data.val_shards else "val"
-            results = T.run_suite(model, self.tokenizer, images, dataset, cfg.tasks, self.classes, **encode)
-        finally:
-            torch.set_num_threads(threads)
+        images = embed_images(model, self.val_shards, self.image_config, budget, self.device, dtype,
+                              cfg.limit or None, progress=False)
+        encode = {"token_budget": cfg.token_budget, "device": self.device, "dtype": dtype}
+        dataset = "finevit-synth_val" if not self.cfg.data.val_shards else "val"
+        results = T.run_suite(model, self.tokenizer, images, dataset, cfg.tasks, self.classes, **encode)
         out_dir = self.run_dir / "eval" / f"step-{self.step}"
         record = {"kind": "eval", "step": self.step, "num_images": len(images.keys)}
         for result in results:
@@ -311,23 +273,9 @@ class Trainer(TrainerBase):
         dist.barrier()
         return path
 
-    def finish(self) -> None:
-        cfg = self.cfg
-        final = self.evaluate() if cfg.eval.at_end else {}
-        exported = self.export() if cfg.checkpoint.export else None
-        if self.is_main:
-            if cfg.metrics.plot:
-                plot_curves(self.writer.path, self.run_dir / "training_curves.png")
-            summary = self.summary(final, exported)
-            print(summary, flush=True)
-            (self.run_dir / "summary.txt").write_text(summary + "\n")
-            self.writer.close()
-
     def summary(self, final: dict, exported: Path | None) -> str:
         wall = time.perf_counter() - self.started
-        lines = ["", "=" * 78, f"FineViT stage 1 — {self.run_dir}", "=" * 78,
-                 f"steps        {self.step} (this run: {self.step - self.resumed_from}"
-                 + (f", resumed from step {self.resumed_from})" if self.resumed_from else ")"),
+        lines = [*self.summary_head("FineViT stage 1"),
                  f"processes    {self.world_size} × {self.device.type} ({dist.get_backend()}), "
                  f"{self.num_params / 1e6:.2f}M parameters",
                  f"wall time    {format_seconds(wall)} (training {format_seconds(self.train_seconds)}, "
@@ -380,19 +328,7 @@ def evaluation_table(record: dict, classes: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s: %(message)s")
-    try:
-        cfg = C.parse_args(argv)
-    except C.ConfigError as exc:
-        print(f"stage1: configuration error: {exc}", file=sys.stderr)
-        return 2
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-        trainer.finish()
-    finally:
-        trainer.close()
-    return 0
+    return run(Trainer, C.Config, argv)
 
 
 if __name__ == "__main__":

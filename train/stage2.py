@@ -60,9 +60,9 @@ from finevit.model.vlm import IGNORE_INDEX, VisionLanguageModel, build_llm, load
 from train import config as C  # noqa: E402
 from train.checkpoint import ModelState, OptimizerState  # noqa: E402
 from train.common import (DataStream, TrainerBase, build_optimizer, clip_grad_norm_, data_paths,  # noqa: E402
-                          ensure_dataset, lr_factor)
-from train.metrics import (GPUMonitor, Meter, MetricsWriter, format_progress, format_seconds,  # noqa: E402
-                           peak_flops, peak_memory_gib, plot_curves, sequence_lengths, vlm_training_flops)
+                          ensure_dataset, lr_factor, run)
+from train.metrics import (GPUMonitor, Meter, MetricsWriter, format_seconds, peak_flops,  # noqa: E402
+                           sequence_lengths, vlm_training_flops)
 from train.parallelize import parallelize_vlm  # noqa: E402
 
 STAGE1 = REPO / "train" / "stage1.py"
@@ -336,41 +336,16 @@ class Trainer(TrainerBase):
         counts = self.meter.as_tensor().to(self.device)
         dist.all_reduce(counts, group=self.group)
         images, patches, llm_tokens, flops, data_seconds = counts.tolist()
-        skipped_all = [None] * self.world_size
-        dist.all_gather_object(skipped_all, self.data.loader.stats()["skipped"], group=self.group)
-        skipped: dict[str, int] = {}
-        for s in skipped_all:
-            for reason, n in s.items():
-                skipped[reason] = skipped.get(reason, 0) + n
+        skipped = self.skipped_samples()
         elapsed = time.perf_counter() - self.meter.started
-        per_rank_elapsed = elapsed * self.world_size
         record = {"kind": "train", "step": self.step, "loss": loss, "lr": out["lr"],
                   **{f"loss/{t}": v for t, v in self.last_task_loss.items()},
                   "grad_norm": float(out["grad_norm"]), "images_per_s": images / elapsed,
                   "patch_tokens_per_s": patches / elapsed, "llm_tokens_per_s": llm_tokens / elapsed,
-                  "tflops_per_s_per_process": flops / per_rank_elapsed / 1e12,
-                  "mfu_pct": 100 * flops / per_rank_elapsed / self.peak_flops if self.peak_flops else None,
-                  "data_wait_pct": 100 * data_seconds / per_rank_elapsed,
-                  "peak_mem_gib": peak_memory_gib(self.device), "skipped": skipped,
-                  "elapsed_s": time.perf_counter() - self.started}
-        record.update(self.gpu.read())
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        if self.is_main:
-            self.writer.write(record)
-            remaining = self.cfg.training.steps - self.step
-            eta = elapsed / max(1, self.meter.steps) * remaining if self.meter.steps else None
-            print(format_progress(record, self.cfg.training.steps, eta), flush=True)
-        self.meter.reset()
+                  **self.utilization(elapsed, flops, data_seconds), "skipped": skipped}
+        self.publish(record, elapsed)
 
     # -- evaluation and export ----------------------------------------------------------------------
-
-    def _eval_threads(self):
-        """On CPU rank 0 evaluates while the others wait: it may use their cores."""
-        threads = torch.get_num_threads()
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(threads, len(os.sched_getaffinity(0))))
-        return threads
 
     def evaluate_initial(self, model: VisionLanguageModel) -> dict:
         """The encoder's probe and retrieval before stage 2 (rank 0; cached in run_dir/eval/initial.json, so a
@@ -447,21 +422,6 @@ class Trainer(TrainerBase):
             model.llm.tie_weights()
         return model.to(self.device).eval()
 
-    def evaluate(self) -> dict:
-        started = time.perf_counter()
-        model = self.full_model()
-        record = {}
-        if self.is_main:
-            threads = self._eval_threads()
-            try:
-                record = self._evaluate_on_rank0(model)
-            finally:
-                torch.set_num_threads(threads)
-            del model
-        dist.barrier()
-        self.eval_seconds += time.perf_counter() - started
-        return record
-
     @torch.no_grad()
     def _evaluate_on_rank0(self, model: VisionLanguageModel) -> dict:
         from finevit.eval.regions import region_tasks
@@ -517,24 +477,10 @@ class Trainer(TrainerBase):
         dist.barrier()
         return path
 
-    def finish(self) -> None:
-        cfg = self.cfg
-        final = self.evaluate() if cfg.eval.at_end else {}
-        exported = self.export() if cfg.checkpoint.export else None
-        if self.is_main:
-            if cfg.metrics.plot:
-                plot_curves(self.writer.path, self.run_dir / "training_curves.png")
-            summary = self.summary(final, exported)
-            print(summary, flush=True)
-            (self.run_dir / "summary.txt").write_text(summary + "\n")
-            self.writer.close()
-
     def summary(self, final: dict, exported: Path | None) -> str:
         wall = time.perf_counter() - self.started
         tasks = ", ".join(f"{t} {v:.3f}" for t, v in self.last_task_loss.items())
-        lines = ["", "=" * 78, f"FineViT stage 2 — {self.run_dir}", "=" * 78,
-                 f"steps        {self.step} (this run: {self.step - self.resumed_from}"
-                 + (f", resumed from step {self.resumed_from})" if self.resumed_from else ")"),
+        lines = [*self.summary_head("FineViT stage 2"),
                  f"processes    {self.world_size} × {self.device.type} ({dist.get_backend()}), "
                  f"{self.num_params / 1e6:.2f}M parameters, {self.num_trainable / 1e6:.2f}M trained "
                  f"(freeze.mode={self.cfg.freeze.mode})",
@@ -586,21 +532,7 @@ def evaluation_table(final: dict, initial: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s: %(message)s")
-    try:
-        cfg = C.parse_args(argv, C.Stage2Config)
-    except C.ConfigError as exc:
-        print(f"stage2: configuration error: {exc}", file=sys.stderr)
-        return 2
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-        trainer.finish()
-    finally:
-        trainer.close()
-    return 0
+    return run(Trainer, C.Stage2Config, argv)
 
 
 if __name__ == "__main__":
