@@ -160,15 +160,20 @@ class DataStream:
 # ----------------------------------------------------------------------------------------------------
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms, biases, the MAP probe, logit scale and bias)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def build_optimizer(model: torch.nn.Module, cfg, lr_scale=None) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases, the MAP probe, logit scale and bias).
+
+    lr_scale: optional function of a parameter's name giving its multiple of optimizer.lr (default 1). The
+    groups at the base rate come first, so param_groups[0]["lr"] is the schedule's rate."""
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
+            scale = float(lr_scale(name)) if lr_scale else 1.0
+            groups.setdefault((scale, p.ndim >= 2), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] != 1.0, not k[1], k[0]))
+    param_groups = [{"params": groups[k], "weight_decay": cfg.optimizer.weight_decay if k[1] else 0.0,
+                     "lr": cfg.optimizer.lr * k[0]} for k in order]
+    return torch.optim.AdamW(param_groups, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
                              foreach=True)
 
 

@@ -577,6 +577,11 @@ class Stage2Data(Data):
 
 
 @dataclass
+class Stage2Optimizer(Optimizer):
+    encoder_lr_scale: float = 1.0  # the encoder's learning rate as a multiple of lr (the merger and LLM get lr)
+
+
+@dataclass
 class Stage2LRScheduler(LRScheduler):
     warmup_steps: int = 30  # linear warmup from lr/warmup_steps to lr
 
@@ -616,7 +621,7 @@ class Stage2Config:
     tasks: Tasks = field(default_factory=Tasks)
     freeze: Freeze = field(default_factory=Freeze)
     data: Stage2Data = field(default_factory=Stage2Data)
-    optimizer: Optimizer = field(default_factory=Optimizer)
+    optimizer: Stage2Optimizer = field(default_factory=Stage2Optimizer)
     lr_scheduler: Stage2LRScheduler = field(default_factory=Stage2LRScheduler)
     training: Stage2Training = field(default_factory=Stage2Training)
     parallelism: Parallelism = field(default_factory=Parallelism)
@@ -653,6 +658,8 @@ class Stage2Config:
         for key in ("regions", "max_new_tokens", "probe_train_images", "probe_val_images"):
             if getattr(self.eval, key) < 1:
                 raise ConfigError(f"eval.{key} must be >= 1, got {getattr(self.eval, key)}")
+        if not self.optimizer.encoder_lr_scale > 0:
+            raise ConfigError(f"optimizer.encoder_lr_scale must be > 0, got {self.optimizer.encoder_lr_scale}")
         if self.llm.pretrain_steps < 0:
             raise ConfigError(f"llm.pretrain_steps must be >= 0, got {self.llm.pretrain_steps}")
         if self.merger.hidden < 0:

@@ -229,7 +229,9 @@ class Trainer(TrainerBase):
         self.model.to(self.device)
 
         # Optimizer and schedule, checkpoints.
-        self.optimizer = build_optimizer(self.model, cfg)
+        encoder_scale = cfg.optimizer.encoder_lr_scale
+        self.optimizer = build_optimizer(self.model, cfg,
+                                         lambda name: encoder_scale if name.startswith("vision.") else 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.setup_checkpoints({"model": ModelState(self.model),
                                 "optimizer": OptimizerState(self.model, self.optimizer)})

@@ -130,3 +130,26 @@ def test_gpu_config_and_embedded_default():
     assert cfg.llm.path and cfg.freeze.mode == "llm" and cfg.training.param_dtype == "bfloat16"
     assert cfg.data.max_pixels // (14 * 14) <= cfg.data.token_budget  # the largest image fits a micro-batch
     assert cfg.data.max_pixels // (14 * 14) // 4 < cfg.tasks.max_length  # and its image tokens a sequence
+
+
+def test_the_encoder_learning_rate_scale_gives_the_encoder_its_own_groups():
+    from train.common import build_optimizer
+    from finevit.model.vlm import VisionLanguageModel, build_llm
+    from finevit.model import FineViTConfig
+
+    vision = FineViT(FineViTConfig.from_name("tiny", width=64, depth=1, num_heads=2, mlp_dim=64))
+    llm = build_llm(64, "qwen2", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "num_key_value_heads": 1})
+    model = VisionLanguageModel(vision, llm, image_token_id=3)
+    set_trainable(model, "none")
+    cfg = C.parse_args(["--optimizer.encoder_lr_scale=0.1", "--optimizer.lr=0.002"], C.Stage2Config)
+    optimizer = build_optimizer(model, cfg, lambda name: 0.1 if name.startswith("vision.") else 1.0)
+    encoder = {id(p) for p in model.vision.parameters() if p.requires_grad}
+    assert optimizer.param_groups[0]["lr"] == 0.002  # the schedule's rate is group 0's
+    for group in optimizer.param_groups:
+        mine = {id(p) in encoder for p in group["params"]}
+        assert len(mine) == 1  # a group is all encoder or all not
+        assert group["lr"] == pytest.approx(0.0002 if mine == {True} else 0.002)
+        assert group["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in group["params"]) else 0.0)
+    with pytest.raises(C.ConfigError, match="encoder_lr_scale"):
+        C.parse_args(["--optimizer.encoder_lr_scale=0"], C.Stage2Config)
