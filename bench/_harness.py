@@ -389,6 +389,35 @@ def measure_ceilings(device: torch.device, smoke: bool = False) -> dict:
     return {"matmul": matmul_ceiling(device), "copy": copy_ceiling(device)}
 
 
+def announce(env: dict, versions: dict, extra: str = "") -> None:
+    """A bench's first lines: GPU, driver, versions, commit, then each dispatch target / library version."""
+    print(f"{env['gpu']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
+          f"commit {env['commit'][:12]}")
+    print("  " + "\n  ".join(f"{k}: {v}" for k, v in versions.items()) + extra)
+
+
+def announce_ceilings(ceilings: dict) -> None:
+    print(f"ceilings: matmul {ceilings['matmul']['tflops']:.4g} TFLOP/s, copy {ceilings['copy']['gbps']:.4g} GB/s\n")
+
+
+def run_providers(providers, run, ours: str, progress, autotune: AutotuneLog | None = None,
+                  case: str | None = None) -> list[dict]:
+    """Every provider on one case: `run(name, ours_out) -> (records, out)`, where ours_out is the output of
+    provider `ours` (run first) for the others' correctness check; prints `progress(record)` per record and
+    tags the autotune log. Returns the records."""
+    records_all, ours_out = [], None
+    for name in providers:
+        records, out = run(name, ours_out)
+        if name == ours:
+            ours_out = out
+        if autotune is not None:
+            autotune.update(case=case, provider=name)
+        for record in records:
+            print(progress(record), flush=True)
+        records_all += records
+    return records_all
+
+
 # ----------------------------------------------------------------------------------------------------
 # Results files
 # ----------------------------------------------------------------------------------------------------

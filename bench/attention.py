@@ -514,13 +514,11 @@ def main(argv: list[str] | None = None) -> None:
 
     env = harness.environment(device)
     versions = library_versions(device)
-    print(f"{env['gpu']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
-          f"commit {env['commit'][:12]}")
-    print("  " + "\n  ".join(f"{k}: {v}" for k, v in versions.items()))
+    harness.announce(env, versions)
     if device.type == "cuda" and "reference" in versions["finevit.varlen_attention"]:
         print(f"  WARNING: {OURS} runs the PyTorch reference here (no Triton kernel registered)")
     ceilings = harness.measure_ceilings(device, smoke=args.cpu_smoke)
-    print(f"ceilings: matmul {ceilings['matmul']['tflops']:.4g} TFLOP/s, copy {ceilings['copy']['gbps']:.4g} GB/s\n")
+    harness.announce_ceilings(ceilings)
 
     results: list[dict] = []
     payload = {
@@ -546,16 +544,11 @@ def main(argv: list[str] | None = None) -> None:
         case = describe_case(workload, heads, head_dim, dtype)
         payload["cases"].append(case)
         batch = make_batch(workload, heads, head_dim, dtype, device, seed=args.seed)
-        ours_out = None
-        for name in providers:
-            records, out = run_provider(name, batch, case, modes, device, ceilings["matmul"]["tflops"], ours_out)
-            if name == OURS:
-                ours_out = out
-            autotune.update(case=case["case"], provider=name)
-            for record in records:
-                print(_progress_line(record), flush=True)
-            results += records
-        del batch, ours_out
+        results += harness.run_providers(
+            providers, lambda name, ours_out: run_provider(name, batch, case, modes, device,
+                                                           ceilings["matmul"]["tflops"], ours_out),
+            OURS, _progress_line, autotune, case["case"])
+        batch = None  # frees it (the lambda's cell) before free_memory
         harness.free_memory(device)
         harness.add_ratios(results, OURS)
         payload["autotune"] = autotune.entries

@@ -423,11 +423,9 @@ def main(argv: list[str] | None = None) -> None:
     import timm
     import transformers
     versions.update(transformers=transformers.__version__, timm=timm.__version__)
-    print(f"{env['gpu']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
-          f"commit {env['commit'][:12]}")
-    print("  " + "\n  ".join(f"{k}: {v}" for k, v in versions.items()))
+    harness.announce(env, versions)
     ceilings = harness.measure_ceilings(device, smoke=args.cpu_smoke)
-    print(f"ceilings: matmul {ceilings['matmul']['tflops']:.4g} TFLOP/s, copy {ceilings['copy']['gbps']:.4g} GB/s\n")
+    harness.announce_ceilings(ceilings)
 
     results: list[dict] = []
     payload = {
@@ -454,17 +452,12 @@ def main(argv: list[str] | None = None) -> None:
         with torch.device(device):
             model = tower.build().to(dtype).train()
         inputs = tower.inputs(device, dtype)
-        ours_out = None
-        for name in providers:
-            records, out = run_provider(name, tower, model, inputs, modes, device, flop,
-                                        ceilings["matmul"]["tflops"], ours_out)
-            if name == OURS:
-                ours_out = out
-            for record in records:
-                print(_progress_line(record), flush=True)
-            results += records
+        results += harness.run_providers(
+            providers, lambda name, ours_out: run_provider(name, tower, model, inputs, modes, device, flop,
+                                                           ceilings["matmul"]["tflops"], ours_out),
+            OURS, _progress_line)
         revert_finevit_kernels(model)
-        del model, inputs, ours_out
+        model = inputs = None  # frees them (the lambda's cells) before free_memory
         harness.free_memory(device)
         harness.add_ratios(results, OURS)
         harness.write_results(payload, args.out)  # after every tower, so a run cut short keeps its numbers

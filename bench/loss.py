@@ -626,9 +626,7 @@ def main(argv: list[str] | None = None) -> None:
 
     env = harness.environment(device)
     versions = library_versions(device)
-    print(f"{env['gpu']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
-          f"commit {env['commit'][:12]}")
-    print("  " + "\n  ".join(f"{k}: {v}" for k, v in versions.items()))
+    harness.announce(env, versions)
     if device.type == "cuda" and any("reference" in versions[f"finevit.{op}"] for op in ("siglip_loss", "clip_loss")):
         print(f"  WARNING: {OURS} runs the PyTorch reference here for at least one loss (no Triton kernel "
               f"registered, or FINEVIT_KERNELS={os.environ.get('FINEVIT_KERNELS')})")
@@ -641,7 +639,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['tiled_clip_gb']:>8.3f} GB")
 
     ceilings = harness.measure_ceilings(device, smoke=args.cpu_smoke)
-    print(f"\nceilings: matmul {ceilings['matmul']['tflops']:.4g} TFLOP/s, copy {ceilings['copy']['gbps']:.4g} GB/s\n")
+    print()
+    harness.announce_ceilings(ceilings)
 
     results: list[dict] = []
     probes: list[dict] = []

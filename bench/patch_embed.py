@@ -381,14 +381,12 @@ def main(argv: list[str] | None = None) -> None:
 
     env = harness.environment(device)
     versions = harness.dispatch_targets(("patch_embed",), device)
-    print(f"{env['gpu']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
-          f"commit {env['commit'][:12]}")
-    print("  " + "\n  ".join(f"{k}: {v}" for k, v in versions.items()))
+    harness.announce(env, versions)
     if device.type == "cuda" and "reference" in versions["finevit.patch_embed"]:
         print(f"  WARNING: {OURS} runs the PyTorch reference here (no Triton kernel registered, or "
               f"FINEVIT_KERNELS={os.environ.get('FINEVIT_KERNELS')})")
     ceilings = harness.measure_ceilings(device, smoke=args.cpu_smoke)
-    print(f"ceilings: matmul {ceilings['matmul']['tflops']:.4g} TFLOP/s, copy {ceilings['copy']['gbps']:.4g} GB/s\n")
+    harness.announce_ceilings(ceilings)
 
     results: list[dict] = []
     payload = {
@@ -420,16 +418,10 @@ def main(argv: list[str] | None = None) -> None:
         case = describe_case(images, grid, patch, dim, dtype)
         payload["cases"].append(case)
         inputs = make_inputs(images, grid, patch, dim, dtype, device, seed=args.seed)
-        ours_out = None
-        for name in providers:
-            records, out = run_provider(name, inputs, case, modes, device, ceilings, ours_out)
-            if name == OURS:
-                ours_out = out
-            autotune.update(case=case["case"], provider=name)
-            for record in records:
-                print(_progress_line(record), flush=True)
-            results += records
-        del inputs, ours_out
+        results += harness.run_providers(
+            providers, lambda name, ours_out: run_provider(name, inputs, case, modes, device, ceilings, ours_out),
+            OURS, _progress_line, autotune, case["case"])
+        inputs = None  # frees it (the lambda's cell) before free_memory
         harness.free_memory(device)
         harness.add_ratios(results, OURS)
         payload["autotune"] = autotune.entries

@@ -680,14 +680,12 @@ def main(argv: list[str] | None = None) -> None:
     env = harness.environment(device)
     versions = library_versions(device)
     _, loss_name = baseline_loss()
-    print(f"{env['gpu']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
-          f"commit {env['commit'][:12]}")
-    print("  " + "\n  ".join(f"{k}: {v}" for k, v in versions.items()) + f"\n  baseline loss: {loss_name}")
+    harness.announce(env, versions, f"\n  baseline loss: {loss_name}")
     if device.type == "cuda" and "reference" in versions["finevit.varlen_attention"]:
         print(f"  WARNING: {OURS} runs the PyTorch reference here "
               f"(FINEVIT_KERNELS={os.environ.get('FINEVIT_KERNELS')})")
     ceilings = harness.measure_ceilings(device, smoke=args.cpu_smoke)
-    print(f"ceilings: matmul {ceilings['matmul']['tflops']:.4g} TFLOP/s, copy {ceilings['copy']['gbps']:.4g} GB/s\n")
+    harness.announce_ceilings(ceilings)
 
     results: list[dict] = []
     payload = {
