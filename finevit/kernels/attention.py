@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._autotune import autotune
 from .rope import rope_fwd
 
 LOG2E = 1.4426950408889634
@@ -120,13 +121,15 @@ def _load_chunk(X, stride_x_tok, rows, mask_rows,
     rows_in = tl.where(mask_rows, rows, 0)
     if PAIRS:
         offs = tl.arange(0, WIDTH // 2)
-        keep = mask_rows[:, None] & (offs < REAL)[None, :]
         ptr = X + rows_in[:, None] * stride_x_tok + (START + tl.where(offs < REAL, offs, 0))[None, :]
-        x1 = tl.load(ptr)
-        x2 = tl.load(ptr + ROT_HALF)
-        x1 = tl.where(keep, x1, tl.zeros_like(x1))
-        x2 = tl.where(keep, x2, tl.zeros_like(x2))
-        return tl.reshape(tl.join(x1, x2), (rows.shape[0], WIDTH))  # (N, WIDTH / 2, 2) -> (N, WIDTH)
+        x = tl.reshape(tl.join(tl.load(ptr), tl.load(ptr + ROT_HALF)), (rows.shape[0], WIDTH))
+        # Zero after the interleave, with a mask of the interleaved layout (channel c holds pair c // 2). Zeroing
+        # x1 and x2 before `tl.join` is the same math, but triton <= 3.6 cannot compile it where the tile feeds
+        # `tl.dot` both as it is and transposed (the backward's q and k tiles): its TritonGPUOptimizeDotOperands
+        # pass builds an illegal shared layout for the reshaped buffer ("expected collapsed shapePerCTA to be
+        # at least [8, 32]"). This form compiles on 3.6 to 3.9 with the same registers and shared memory.
+        keep = mask_rows[:, None] & ((tl.arange(0, WIDTH) // 2) < REAL)[None, :]
+        return tl.where(keep, x, tl.zeros_like(x))  # (N, WIDTH / 2, 2) -> (N, WIDTH)
     else:
         offs = tl.arange(0, WIDTH)
         keep = mask_rows[:, None] & (offs < REAL)[None, :]
@@ -618,9 +621,9 @@ if os.environ.get("FINEVIT_ATTENTION_TUNING") == "wide":
     _DKDV_SHAPES = _DKDV_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
     _DQ_SHAPES = _DQ_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
 _KEYS = ["head_dim", "max_seqlen_bucket", "ROT_HALF", "QK0_ROT"]  # rotary layout changes the best tile
-_attn_fwd_tuned = triton.autotune(_configs(["BLOCK_M", "BLOCK_N"], _FWD_SHAPES), key=_KEYS)(_attn_fwd_kernel)
-_attn_bwd_dkdv_tuned = triton.autotune(_configs(["BLOCK_N", "BLOCK_M"], _DKDV_SHAPES), key=_KEYS)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq_tuned = triton.autotune(_configs(["BLOCK_M", "BLOCK_N"], _DQ_SHAPES), key=_KEYS)(_attn_bwd_dq_kernel)
+_attn_fwd_tuned = autotune(_configs(["BLOCK_M", "BLOCK_N"], _FWD_SHAPES), key=_KEYS)(_attn_fwd_kernel)
+_attn_bwd_dkdv_tuned = autotune(_configs(["BLOCK_N", "BLOCK_M"], _DKDV_SHAPES), key=_KEYS)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq_tuned = autotune(_configs(["BLOCK_M", "BLOCK_N"], _DQ_SHAPES), key=_KEYS)(_attn_bwd_dq_kernel)
 # Under the interpreter every autotune candidate would run (slowly): one fixed config instead.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 
