@@ -53,6 +53,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import reference
+from ._autotune import autotune
 
 
 def _interpreting() -> bool:
@@ -237,7 +238,7 @@ _KEYS = ["out_features", "in_features", "rows_bucket", "NORMALIZE", "HAS_BIAS"] 
 
 def _autotuned(kernel, names, shapes, fp32_shapes, keys):
     """{is_fp32: the kernel autotuned over that dtype's list}."""
-    return {fp32: triton.autotune(_configs(names, s), key=keys)(kernel)
+    return {fp32: autotune(_configs(names, s), key=keys)(kernel)
             for fp32, s in ((False, shapes), (True, fp32_shapes))}
 
 
