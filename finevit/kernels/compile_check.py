@@ -1,6 +1,7 @@
 """Compile every Triton kernel of `finevit.kernels` for A100 (sm_80) and H100 (sm_90), without a GPU.
 
     python -m finevit.kernels.compile_check [--targets 80,90] [--quick | --all] [--report docs/compile_report.md]
+                                            [--triton 3.6.0]
 
 Triton's interpreter, which runs the kernel tests on CPU, accepts code that the real compiler rejects and
 says nothing about registers or shared memory. This check compiles each kernel ahead of time as Triton
@@ -28,6 +29,12 @@ would on the card, and reads the cubins with the `cuobjdump` shipped inside the 
 at one representative case per op; `--all` adds every dtype, attention head-dim chunk plan, rotary layout
 and launcher flag, and `--report` writes the markdown table (docs/compile_report.md). `--config` compiles a
 candidate config instead of a kernel's list, to try it before adding it.
+
+The Triton support matrix. Triton's compiler changes between releases: code that one release compiles, an
+older one can reject (triton 3.6 rejected the attention backward that 3.8 compiled, 2026-12-04). `--triton
+VERSION` runs the same check under that release: pip installs it once, without dependencies, into a cache
+folder (`side_triton`), which goes first on PYTHONPATH for one child process. CI runs `--quick` under
+`TRITON_MATRIX` (the oldest supported release, the newest) and under the triton installed with torch.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,13 +73,17 @@ TARGETS = (80, 90)
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # Modules whose launchers the cases drive: each starts its kernels through its own `wrap_triton` name.
 KERNEL_MODULES = ("attention", "patch_embed", "rope", "siglip_loss", "clip_loss")
+# The triton releases CI compiles every kernel with, besides the one installed with torch: the oldest we support
+# (the pin of torch 2.10 and 2.11; pyproject.toml says triton>=3.6) and the newest release (2026-12-05).
+OLDEST_TRITON, NEWEST_TRITON = "3.6.0", "3.9.0"
+TRITON_MATRIX = (OLDEST_TRITON, NEWEST_TRITON)
 
 
 @dataclass(frozen=True)
 class Allowance:
-    """Problems kept on purpose, with the reason: where `kernel`, `config` and the case label match (regular
-    expressions, searched) on `targets`; with `fallback`, only where the launch also has a problem-free config,
-    which its autotuner times against this one."""
+    """Problems kept on purpose, with the reason: where `kernel`, `config`, the case label and the triton version
+    match (regular expressions, searched) on `targets`; with `fallback`, only where the launch also has a
+    problem-free config, which its autotuner times against this one."""
 
     problems: tuple[str, ...]  # among "spill", "shared-memory", "mma" (a compile error is never allowed)
     kernel: str
@@ -80,10 +92,12 @@ class Allowance:
     case: str = ""
     targets: tuple[int, ...] = TARGETS
     fallback: bool = False
+    triton: str = ""  # e.g. r"^3\.6\." for a problem of one release's compiler
 
     def covers(self, result: Result, kind: str, launch: LaunchResults) -> bool:
         return bool(kind in self.problems and result.target in self.targets and re.search(self.kernel, result.kernel)
                     and re.search(self.config, result.config) and re.search(self.case, launch.case)
+                    and re.search(self.triton, triton.__version__)
                     and (launch.has_clean_config or not self.fallback))
 
 
@@ -140,6 +154,18 @@ ALLOWED: tuple[Allowance, ...] = (
         targets=(80,),
         reason="fp32 features on A100: 16-32 B per thread. The loss tile is fixed (no autotuning) and chosen for "
                "bf16 on sm_90, where it is spill-free in every dtype.",
+    ),
+    Allowance(
+        ("spill",), r"^_patch_embed_dweight_kernel$", r"^D256 K128 R64 · 8w 3s$", targets=(90,), triton=r"^3\.6\.",
+        fallback=True,
+        reason="triton 3.6 on sm_90 only: the 256-row weight-gradient tile spills (656 B per thread, bf16 P14; "
+               "0 B with triton 3.7-3.9, where it was tuned); its autotuner times it against the spill-free tiles "
+               "of the same list (checked).",
+    ),
+    Allowance(
+        ("spill",), r"^_siglip_rows_loss_kernel$", r"^A64 B128 D64 · 8w 3s$", targets=(80,), triton=r"^3\.6\.",
+        reason="triton 3.6 on A100 only: 8 B per thread (0 B with triton 3.7-3.9, and on sm_90 with every "
+               "release). The loss tile is fixed (no autotuning) and chosen for bf16 on sm_90.",
     ),
 )
 
@@ -680,6 +706,40 @@ def _cells(r: Result | None) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
+def side_triton(version: str) -> str:
+    """A folder holding triton `version` alone (no dependencies): first on PYTHONPATH, it replaces the installed
+    triton for that process. pip installs it the first time into $FINEVIT_TRITON_CACHE (default
+    ~/.cache/finevit/triton) / VERSION; an interrupted install is never taken for a complete one."""
+    root = os.environ.get("FINEVIT_TRITON_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "finevit", "triton")
+    folder = os.path.join(root, version)
+    if not os.path.isfile(os.path.join(folder, "triton", "__init__.py")):
+        partial = f"{folder}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        print(f"compile_check: installing triton=={version} into {folder}", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                        "--target", partial, f"triton=={version}"], check=True)
+        try:
+            os.rename(partial, folder)
+        except OSError:  # another process installed it meanwhile
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+_CHILD = "FINEVIT_COMPILE_CHECK_TRITON"  # set in the child process that `--triton` starts
+
+
+def _run_under_triton(version: str, argv: list[str]) -> int:
+    """This check with `argv`, in a child process that imports triton `version` from `side_triton`."""
+    if os.environ.get(_CHILD):
+        print(f"compile_check: asked for triton {version}, but {triton.__file__} ({triton.__version__}) was imported "
+              f"with {side_triton(version)} first on PYTHONPATH", file=sys.stderr)
+        return 2
+    env = {**os.environ, _CHILD: version}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [side_triton(version), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", __spec__.name, *argv], env=env).returncode
+
+
 def _parse_config(text: str) -> tuple[str, triton.Config]:
     """"KERNEL:BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3" -> (kernel name, triton.Config)."""
     kernel, _, assignments = text.partition(":")
@@ -702,7 +762,14 @@ def main(argv: list[str] | None = None) -> int:
                              "_attn_fwd_kernel:BLOCK_M=128,BLOCK_N=128,num_warps=8,num_stages=3")
     parser.add_argument("--report", help="write the markdown report here")
     parser.add_argument("--json", help="write the results as JSON here")
+    parser.add_argument("--triton", metavar="VERSION",
+                        help="run under this triton release instead of the installed one, e.g. "
+                             f"{OLDEST_TRITON} (pip installs it once, without dependencies, into "
+                             "~/.cache/finevit/triton/VERSION; FINEVIT_TRITON_CACHE moves that folder)")
     args = parser.parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
+    if args.triton and args.triton != triton.__version__:
+        return _run_under_triton(args.triton, given)
 
     if not tools_available():
         print("compile_check: triton's NVIDIA backend (ptxas, cuobjdump) is not available", file=sys.stderr)
@@ -716,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
         kernel, config = _parse_config(text)
         overrides.setdefault(kernel, []).append(config)
 
+    print(f"compile_check: triton {triton.__version__} from {os.path.dirname(triton.__file__)}, "
+          f"targets {', '.join(f'sm_{t}' for t in targets)}", flush=True)
     start = time.perf_counter()
     kernels = set(args.kernels.split(",")) if args.kernels else None
     launches = check(cases, targets, overrides, kernels, log=lambda line: print(line, flush=True))
@@ -724,7 +793,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compile_check: {len(results_of(launches))} compiles in {seconds:.0f} s, {len(failing)} failures",
           flush=True)
     if args.report:
-        given = argv if argv is not None else sys.argv[1:]
         if args.json:  # where this run also wrote its JSON is not part of the report's recipe
             given = [a for i, a in enumerate(given) if a != "--json" and (i == 0 or given[i - 1] != "--json")]
         command = "python -m finevit.kernels.compile_check " + " ".join(given)
@@ -734,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             rows = [{**r.__dict__, "allowed": {kind: rule.reason for kind, rule in r.allowed.items()},
-                     "failed": r.failed} for r in results_of(launches)]
+                     "failed": r.failed, "triton": triton.__version__} for r in results_of(launches)]
             json.dump(rows, f, indent=1)
     for line in failing:
         print(f"FAILED {line}", file=sys.stderr)
