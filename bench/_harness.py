@@ -646,22 +646,24 @@ def render(json_path: str | os.PathLike) -> tuple[Path, Path | None]:
     return md_path, plot(payload, json_path.with_suffix(".png"))
 
 
-def write_environment(path: str | os.PathLike) -> dict:
-    """The environment and both measured ceilings of this machine's GPU, as JSON at `path` (gpu_check.sh)."""
-    device = torch.device("cuda")
-    record = {"env": environment(device), "ceilings": measure_ceilings(device)}
+def write_environment(path: str | os.PathLike, cpu_smoke: bool = False) -> dict:
+    """The environment and both measured ceilings of this machine's GPU, as JSON at `path` (gpu_check.sh);
+    with cpu_smoke, of the CPU with the tiny smoke sizes (gpu_check.sh's CPU mode)."""
+    device = torch.device("cpu" if cpu_smoke else "cuda")
+    record = {"env": environment(device), "ceilings": measure_ceilings(device, smoke=cpu_smoke)}
     Path(path).write_text(json.dumps(_finite(record), indent=1) + "\n")
     return record
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--environment":
-        found = write_environment(sys.argv[2])
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--environment" and sys.argv[3:] in ([], ["--cpu-smoke"]):
+        found = write_environment(sys.argv[2], cpu_smoke=sys.argv[3:] == ["--cpu-smoke"])
         print(json.dumps(found, indent=1))
         sys.exit(0)
     if len(sys.argv) < 2:
         sys.exit("usage: python bench/_harness.py RESULTS.json [...]  (rewrites the .md and .png beside each)\n"
-                 "       python bench/_harness.py --environment OUT.json  (GPU, versions and measured ceilings)")
+                 "       python bench/_harness.py --environment OUT.json [--cpu-smoke]  (GPU, versions and measured "
+                 "ceilings; --cpu-smoke: the CPU's, tiny sizes)")
     for arg in sys.argv[1:]:
         for written in render(arg):
             if written is not None:

@@ -1,93 +1,336 @@
 #!/usr/bin/env bash
-# GPU evidence in one run (< 8 minutes on an H100 with the defaults):
-#   1. environment.json   GPU, driver, torch / triton / Python versions, commit, and the two measured ceilings
-#                         (large bf16 matmul TFLOP/s, device-to-device copy GB/s counting read + write)
-#   2. pytest.log / .xml  the GPU tests: every kernel forward and backward in bf16, fp16 and fp32, the
-#                         patched towers and FineCLIP on the compiled kernels (pytest-xdist when installed)
-#      sanitizer.log      meanwhile, bench/attention_repro.py (bf16 forward + backward at head dims 64-88)
-#                         under compute-sanitizer's memcheck, when it is installed
-#      warmup/            and sharded warm-up runs of the benches fill Triton's compile cache in
-#                         parallel (autotuning compiles every candidate; the timed runs then only load them)
-#      aot.log            then the C library's export + CMake build + ctest, its GPU test included (tests/aot)
-#   3. one --quick run of each bench (attention, loss, patch_embed, integrations, train_step when present),
-#      one after the other on an otherwise idle GPU: JSON / markdown / PNG and a log each
-#   4. summary.txt        every stage's exit status and the targets each bench printed
-# Usage: bash bench/gpu_check.sh [OUT_DIR] [--full]   (OUT_DIR defaults to $OUT or bench/results/gpu_check)
-# FINEVIT_ATTENTION_TUNING=wide in the environment widens the attention autotune lists for the benches (not
-# the tests): each candidate's time lands in the attention JSON's "autotune" entries (bench/NOTES.md).
-# Each stage has a time limit, so a hung stage costs its limit and the rest still run. Exits non-zero when
-# the tests or any bench failed. Needs torch >= 2.11 and triton >= 3.6; no network.
+# The whole GPU check in one bounded run: it always ends, with a report, within its budget (default 330 s: a
+# lent GPU session has 15 minutes of device time in all, start-up included, so one check and one rerun fit).
+#
+# Usage: bash bench/gpu_check.sh [OUT_DIR] [--full] [--cpu]     (OUT_DIR defaults to $OUT or bench/results/gpu_check)
+#
+# Stages, in order; each runs under `timeout` with min(its limit, time left before the deadline), is sent SIGINT
+# at that limit (pytest then still prints its summary) and SIGKILL 5 s later, and appends exactly one line to
+# summary.txt:   [name] ok | failed (exit N) | cut at N s | skipped: REASON  ·  wall seconds  ·  key result
+# (details, such as failing test names or a bench's Targets block, follow it indented).
+#   environment   60 s  python bench/_harness.py --environment: GPU, driver, versions, commit, measured matmul and
+#                       copy ceilings
+#   warmup        75 s  a time box, not a test: Triton's compile caches filled in parallel by the benches' sharded
+#                       warm-up processes (FINEVIT_BENCH_WARMUP=k/n, only for the benches selected) and by
+#                       bench/warm_kernels.py shards (every kernel forward + backward once per dtype at the tests'
+#                       shapes); processes still compiling at the box are stopped (what they compiled stays cached)
+#                       and counted, not failed; a process that fails fails the stage
+#   pytest       150 s  tests/kernels tests/integrations tests/model/test_triton_path.py on the GPU: -v (one line
+#                       per test, so a cut run still names its failures), pytest-xdist -n 8 and pytest-timeout
+#                       --timeout 60 per test when installed, junit xml; the failing test ids go to the summary
+#   repro         60 s  bench/attention_repro.py: bf16 forward + backward errors vs float64 at head dims 64, 72, 80,
+#                       88, 128 with and without RoPE, against PyTorch's bf16 error (table in the summary);
+#                       TRITON_CACHE_AUTOTUNING=1 keeps its autotune choices on disk for the next stage
+#   sanitizer     60 s  the same repro under compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so an
+#                       access past a tensor is past its allocation; the autotune choices come from the disk cache,
+#                       so only the chosen kernels run instrumented); when compute-sanitizer is installed
+#   aot           90 s  tests/aot: the C library's export, CMake build and ctest (its GPU test runs every exported
+#                       kernel through the C API); when cmake and a C compiler exist
+#   bench_attention 90 s, bench_loss 60 s, bench_patch_embed 45 s, bench_integrations 45 s, bench_train_step 90 s:
+#                       one --quick run each (train_step's --quick runs b16 and so400m14, head dim 72, at 16k
+#                       tokens), one after the other; their Targets blocks, and train_step's host syncs per step,
+#                       go to the summary
+# The stages together can ask for more than the budget: later stages get what is left and report "skipped: no time
+# left" when under 10 s remain. A second run can take what the first skipped, e.g. with
+# FINEVIT_GPU_CHECK_STAGES=environment,warmup,bench (a name selects that stage, or every stage it prefixes + "_").
+#
+# Output (a lent machine hands back at most 8 files, at most 2 folders deep): OUT_DIR/summary.txt (GPU, driver,
+# torch, triton, commit and date first, then the stage lines as they finish, then the result line) and
+# OUT_DIR/gpu_check.tar.gz with everything else: each stage's log, pytest.xml, attention_repro.json, warm-up logs,
+# and results/ with the benches' json / md / png (the files committed under bench/results/). Intermediate files live
+# in a temporary folder, packed by an EXIT trap, so a cut or interrupted run still leaves the two files.
+# Exit status: 0 every stage ok or skipped for a missing tool; 1 a stage failed or was cut (or the run was
+# interrupted); 2 none failed but a stage was skipped for lack of time.
+#
+# --full: the benches without --quick (far over the default budget). --cpu or FINEVIT_GPU_CHECK_CPU=1: the CPU mode
+# that CI runs (tests/bench/test_gpu_check.py): CUDA hidden, budget 240 s, each stage's CPU equivalent with small
+# limits (environment with --cpu-smoke ceilings; warm-up: warm_kernels.py in Triton's interpreter and one patch_embed
+# shard; pytest: tests/kernels/test_dispatch.py; repro: fp32 + fp16 at head dim 72 in the interpreter; sanitizer:
+# skipped; aot: one tests/aot case; benches: --cpu-smoke).
+# Environment: FINEVIT_GPU_CHECK_BUDGET (s), FINEVIT_GPU_CHECK_STAGES (comma list), FINEVIT_GPU_CHECK_LIMIT_<STAGE>
+# (s, e.g. FINEVIT_GPU_CHECK_LIMIT_PYTEST=120), FINEVIT_GPU_CHECK_XDIST (workers, 0 = none),
+# FINEVIT_GPU_CHECK_TEST_TIMEOUT (s per test), FINEVIT_GPU_CHECK_PYTEST (the pytest stage's selection),
+# FINEVIT_GPU_CHECK_HANG (comma list of stages that sleep forever before their work: a self-test of the limits),
+# FINEVIT_ATTENTION_TUNING=wide (widens the attention autotune lists for the benches, not the tests: each
+# candidate's time lands in the attention JSON's "autotune" entries, bench/NOTES.md), GIT_COMMIT (the commit to
+# record when the tree has no .git), PYTHON (interpreter, default python). Needs torch >= 2.11, triton >= 3.6,
+# GNU coreutils timeout; no network.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out="${1:-${OUT:-bench/results/gpu_check}}"
-mode="--quick"
-[ "${2:-}" = "--full" ] && mode=""
-mkdir -p "$out/warmup"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-summary="$out/summary.txt"
-: > "$summary"
-failed=0
-note() { echo "$*" | tee -a "$summary"; }
 
-# 1. Environment and ceilings.
-timeout 120 python bench/_harness.py --environment "$out/environment.json" > "$out/environment.log" 2>&1
-note "environment exit $? ($(python -c "import json,sys; e=json.load(open(sys.argv[1])); print(e['env']['gpu'], \
-'| torch', e['env']['torch'], '| triton', e['env']['triton'], '| matmul %.0f TFLOP/s | copy %.0f GB/s' % \
-(e['ceilings']['matmul']['tflops'], e['ceilings']['copy']['gbps']))" "$out/environment.json" 2>/dev/null))"
-
-# 2. Tests, with the benches' compile-cache warm-up beside them.
-benches=(attention loss patch_embed integrations)
-[ -f bench/train_step.py ] && benches+=(train_step)
-declare -A shards=([attention]=6 [patch_embed]=2 [integrations]=3 [train_step]=2)  # loss: fixed configs
-warm_pids=()
-for bench in "${benches[@]}"; do
-  n=${shards[$bench]:-0}
-  for ((k = 0; k < n; k++)); do
-    FINEVIT_BENCH_WARMUP="$k/$n" timeout 200 python "bench/$bench.py" $mode --out "$out/warmup/files" \
-      > "$out/warmup/$bench-$k.log" 2>&1 &
-    warm_pids+=($!)
-  done
+out="" full=0 cpu=${FINEVIT_GPU_CHECK_CPU:-0}
+for arg in "$@"; do
+  case $arg in
+    --full) full=1 ;;
+    --cpu) cpu=1 ;;
+    -h | --help) sed -n '2,/^set -uo/{/^set -uo/d; s/^# \{0,1\}//; p}' "$0"; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
+    *) if [ -n "$out" ]; then echo "gpu_check.sh: one OUT_DIR only, got $out and $arg" >&2; exit 2; fi; out=$arg ;;
+  esac
 done
-sanitizer_pid=
-if command -v compute-sanitizer > /dev/null; then
-  timeout 200 compute-sanitizer --tool memcheck --print-limit 5 python bench/attention_repro.py \
-    > "$out/sanitizer.log" 2>&1 &
-  sanitizer_pid=$!
-fi
-xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
-env -u FINEVIT_ATTENTION_TUNING timeout 200 python -m pytest -q -rfE --maxfail=10 $xdist -p no:cacheprovider --junitxml="$out/pytest.xml" \
-  tests/kernels tests/integrations tests/model/test_triton_path.py > "$out/pytest.log" 2>&1
-rc=$?
-note "tests exit $rc: $(tail -n 1 "$out/pytest.log")"
-# The C library (issue 11): export, CMake build and ctest, whose gpu_kernels test runs every exported kernel
-# through the C API against finevit.kernels' outputs on this GPU. Needs cmake and a C/C++ compiler.
-if command -v cmake > /dev/null && command -v cc > /dev/null; then
-  env -u FINEVIT_ATTENTION_TUNING timeout 300 python -m pytest -q -rfE -p no:cacheprovider tests/aot \
-    > "$out/aot.log" 2>&1
-  aot=$?
-  note "C library (tests/aot, ctest gpu_kernels) exit $aot: $(tail -n 1 "$out/aot.log")"
-  [ $aot -ne 0 ] && failed=1
+out=${out:-${OUT:-$(dirname "$0")/results/gpu_check}}  # a relative OUT_DIR is taken from the caller's folder
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
+cd "$(dirname "$0")/.." || exit 2
+[ "$cpu" = 1 ] || cpu=0
+
+now_ms() {  # wall clock in ms (bash 5's EPOCHREALTIME, else date)
+  if [ -n "${EPOCHREALTIME:-}" ]; then local t=${EPOCHREALTIME//[!0-9]/}; echo $((t / 1000)); else echo $(($(date +%s%N) / 1000000)); fi
+}
+t_start=$(now_ms)
+if [ "$cpu" = 1 ]; then
+  budget=${FINEVIT_GPU_CHECK_BUDGET:-240} reserve=6 min_stage=3
+  export CUDA_VISIBLE_DEVICES=""
 else
-  note "C library: skipped (no cmake or C compiler on this machine)"
+  budget=${FINEVIT_GPU_CHECK_BUDGET:-330} reserve=12 min_stage=15
 fi
-[ "$rc" -eq 0 ] || failed=1
-grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -n 40 | tee -a "$summary"
-if [ -n "$sanitizer_pid" ]; then
-  wait "$sanitizer_pid"
-  note "attention repro under compute-sanitizer exit $?: $(grep -E "ERROR SUMMARY|TOO LARGE" "$out/sanitizer.log" | head -n 3)"
-fi
-warm_failed=0
-for pid in "${warm_pids[@]}"; do wait "$pid" || warm_failed=$((warm_failed + 1)); done
-note "warm-up: ${#warm_pids[@]} processes, $warm_failed failed (logs in warmup/)"
-rm -rf "$out/warmup/files"
+grace=5                                            # SIGINT at the limit, SIGKILL this much later
+deadline=$((t_start + (budget - reserve) * 1000))  # no stage runs past it; the reserve is for summaries and packing
 
-# 3. The timed benches, one at a time.
-declare -A limits=([attention]=150 [loss]=120 [patch_embed]=50 [integrations]=60 [train_step]=90)
-for bench in "${benches[@]}"; do
-  timeout "${limits[$bench]}" python "bench/$bench.py" $mode --out "$out" > "$out/$bench.log" 2>&1
+export PYTHON=${PYTHON:-python} PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" cpu full
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
+export work="$scratch/gpu_check"
+mkdir -p "$work/results"
+summary="$out/summary.txt"
+rm -f "$summary" "$out/gpu_check.tar.gz"
+benches=(attention loss patch_embed integrations train_step)
+all_stages=(environment warmup pytest repro sanitizer aot "${benches[@]/#/bench_}")
+n_failed=0 n_cut=0 n_time=0 failed_names="" stage_pid="" current=""
+
+say() { printf '%s\n' "$*" | tee -a "$summary"; }
+in_list() {  # in_list NAME "a,b,c": NAME is listed, or a listed word + "_" prefixes it
+  local word
+  for word in ${2//,/ }; do [[ $1 == "$word" || $1 == "$word"_* ]] && return 0; done
+  return 1
+}
+selected() { [ -z "${FINEVIT_GPU_CHECK_STAGES:-}" ] || in_list "$1" "$FINEVIT_GPU_CHECK_STAGES"; }
+export -f in_list selected
+
+declare -A recorded=()
+record() {  # record NAME STATUS WALL_S KEY [DETAILS]: the stage's summary line, details indented below it
+  local line="[$1] $2 | $3 s | $4"
+  recorded[$1]=1
+  say "$line"
+  [ -n "${5:-}" ] && printf '%s\n' "$5" | sed 's/^/    /' | tee -a "$summary"
+  return 0
+}
+
+finish() {  # EXIT trap: the result line, then everything but summary.txt into one tarball
+  local code=0 wall
+  trap - EXIT INT TERM
+  if [ -n "$stage_pid" ]; then kill -KILL -- "-$stage_pid" 2> /dev/null; wait "$stage_pid" 2> /dev/null; fi
+  wall=$((($(now_ms) - t_start) / 1000))
+  if [ -n "$current" ]; then  # interrupted (SIGINT / SIGTERM) during a stage: that stage is cut, the rest skipped
+    local text
+    text=$("summarise_$current" 2>&1)
+    record "$current" "cut at $((($(now_ms) - stage_t0) / 1000)) s" $((($(now_ms) - stage_t0) / 1000)) \
+      "the check itself was interrupted during this stage · $(head -n 1 <<< "$text")" "$(tail -n +2 <<< "$text")"
+    n_cut=$((n_cut + 1)) failed_names+=" $current"
+  fi
+  local name
+  for name in "${all_stages[@]}"; do
+    [ -n "${recorded[$name]:-}" ] || record "$name" "skipped: $(selected "$name" && echo "the check was interrupted" ||
+      echo "not selected")" 0 "-"
+  done
+  if ((n_failed + n_cut)); then code=1; elif ((n_time)); then code=2; fi
+  say "result: $([ $code = 0 ] && echo ok || echo "$([ $code = 1 ] && echo FAILED || echo INCOMPLETE)") ·" \
+    "$n_failed failed, $n_cut cut, $n_time skipped for lack of time${failed_names:+ (${failed_names# })} ·" \
+    "$wall s of the $budget s budget · exit $code"
+  if tar -czf "$out/gpu_check.tar.gz" -C "$scratch" gpu_check 2> "$scratch/tar.err"; then
+    say "files: summary.txt, gpu_check.tar.gz ($(tar -tzf "$out/gpu_check.tar.gz" | grep -vc '/$') files, of which" \
+      "$(tar -tzf "$out/gpu_check.tar.gz" | grep -c '^gpu_check/results/.') bench results under gpu_check/results/)"
+  else
+    say "packing failed: $(head -c 300 "$scratch/tar.err")"
+  fi
+  rm -rf "$scratch"
+  exit "$code"
+}
+trap finish EXIT
+trap 'exit 130' INT TERM  # the EXIT trap stops the running stage and still reports
+
+# stage NAME LIMIT [SKIP_REASON]: run stage_NAME (a function below) in `bash -c` under timeout, then summarise it
+# with summarise_NAME. The limit is min(LIMIT or FINEVIT_GPU_CHECK_LIMIT_<NAME>, time left - grace).
+stage() {
+  local name=$1 own=$2 skip=${3:-} var left limit rc wall status text
+  var="FINEVIT_GPU_CHECK_LIMIT_${name^^}"
+  own=${!var:-$own}
+  stage_t0=$(now_ms)
+  if ! selected "$name"; then record "$name" "skipped: not selected" 0 "-"; return 0; fi
+  if [ -n "$skip" ]; then record "$name" "skipped: $skip" 0 "-"; return 0; fi
+  left=$(((deadline - stage_t0) / 1000 - grace))
+  if ((left < min_stage)); then
+    record "$name" "skipped: no time left" 0 "$((left > 0 ? left : 0)) s left before the deadline, under the" \
+      "$min_stage s a stage needs"
+    n_time=$((n_time + 1))
+    return 0
+  fi
+  limit=$((own < left ? own : left))
+  local hang=""
+  in_list "$name" "${FINEVIT_GPU_CHECK_HANG:-}" && hang="echo 'FINEVIT_GPU_CHECK_HANG: sleeping'; sleep 100000; "
+  current=$name
+  STAGE_LIMIT=$limit timeout -s INT -k "$grace" "$limit" bash -c "${hang}stage_$name" \
+    > "$work/$name.log" 2>&1 < /dev/null &
+  stage_pid=$!
+  wait "$stage_pid"
   rc=$?
-  note "$bench exit $rc"
-  [ "$rc" -eq 0 ] || failed=1
-  sed -n '/^Targets/,/^$/p' "$out/$bench.log" | tee -a "$summary"
+  stage_pid="" current=""
+  wall=$((($(now_ms) - stage_t0) / 1000))
+  if ((rc == 124 || (rc == 137 && wall >= limit))); then
+    status="cut at $limit s"
+    n_cut=$((n_cut + 1)) failed_names+=" $name"
+  elif ((rc == 0)); then
+    status="ok"
+  else
+    status="failed (exit $rc)"
+    n_failed=$((n_failed + 1)) failed_names+=" $name"
+  fi
+  text=$("summarise_$name" 2>&1 || true)
+  [ -z "$text" ] && text="-"
+  record "$name" "$status" "$wall" "$(head -n 1 <<< "$text")" "$(tail -n +2 <<< "$text")"
+}
+summarise() { timeout 25 "$PYTHON" bench/_gpu_check.py "$@" 2>&1; }
+export -f summarise
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stages (run in `bash -c`, so they see only exported functions and variables)
+# ---------------------------------------------------------------------------------------------------------------
+if [ "$cpu" = 1 ]; then
+  bench_mode="--cpu-smoke"
+  declare -A limits=([environment]=30 [warmup]=40 [pytest]=45 [repro]=45 [sanitizer]=10 [aot]=45
+    [bench_attention]=60 [bench_loss]=60 [bench_patch_embed]=60 [bench_integrations]=60 [bench_train_step]=60)
+  warm_shards="patch_embed=2" warm_shard_list="patch_embed:0/2" kernel_shards=1
+else
+  bench_mode=$([ "$full" = 1 ] && echo "" || echo "--quick")
+  declare -A limits=([environment]=60 [warmup]=75 [pytest]=150 [repro]=60 [sanitizer]=60 [aot]=90
+    [bench_attention]=90 [bench_loss]=60 [bench_patch_embed]=45 [bench_integrations]=45 [bench_train_step]=90)
+  # warm-up shards per bench (loss has fixed configs) and of warm_kernels.py: 21 processes for 16 cores (compiling
+  # is most of their work; the tests' kernels, fp32 attention above all, are the largest share)
+  warm_shards="attention=6 patch_embed=2 integrations=3 train_step=2" warm_shard_list="" kernel_shards=8
+fi
+export bench_mode warm_shards warm_shard_list kernel_shards
+
+stage_environment() {
+  "$PYTHON" bench/_harness.py --environment "$work/environment.json" $([ "$cpu" = 1 ] && echo --cpu-smoke)
+}
+summarise_environment() { summarise environment "$work/environment.json"; }
+
+stage_warmup() {
+  local box=$((STAGE_LIMIT - 8)) entry bench n k
+  ((box < 1)) && box=1
+  mkdir -p "$work/warmup"
+  echo "$box" > "$work/warmup/box.txt"
+  echo "time box ${box} s"
+  launch() {  # launch NAME COMMAND...: one warm-up process under the box, its status appended when it ends
+    local name=$1
+    shift
+    echo "$name" >> "$work/warmup/started.txt"
+    (
+      # --foreground: the process stays in the stage's process group, so a cut stage stops it too
+      timeout --foreground -k 3 "$box" "$@" > "$work/warmup/$name.log" 2>&1 < /dev/null
+      echo "$name $?" >> "$work/warmup/status.txt"
+    ) &
+  }
+  if selected pytest || selected repro || selected sanitizer; then
+    for ((k = 0; k < kernel_shards; k++)); do
+      launch "kernels-$k" env -u FINEVIT_ATTENTION_TUNING FINEVIT_BENCH_WARMUP="$k/$kernel_shards" \
+        "$PYTHON" bench/warm_kernels.py $([ "$cpu" = 1 ] && echo "--device cpu")
+    done
+  fi
+  for entry in $warm_shards; do
+    bench=${entry%=*} n=${entry#*=}
+    selected "bench_$bench" || continue
+    for ((k = 0; k < n; k++)); do
+      [ -n "$warm_shard_list" ] && ! in_list "$bench:$k/$n" "$warm_shard_list" && continue
+      launch "$bench-$k" env FINEVIT_BENCH_WARMUP="$k/$n" "$PYTHON" "bench/$bench.py" $bench_mode \
+        --out "$work/warmup/files"
+    done
+  done
+  wait
+  rm -rf "$work/warmup/files"
+  echo "done"
+  # a process that failed (not one stopped at the box: 124 / 137) fails the stage
+  ! grep -qvE ' (0|124|137)$' "$work/warmup/status.txt" 2> /dev/null
+}
+summarise_warmup() { summarise warmup "$work/warmup"; }
+
+stage_pytest() {
+  local args=(-v -rfE -p no:cacheprovider --junitxml="$work/pytest.xml") selection
+  if [ "${FINEVIT_GPU_CHECK_XDIST:-12}" != 0 ] && "$PYTHON" -c "import xdist" 2> /dev/null; then
+    args+=(-n "${FINEVIT_GPU_CHECK_XDIST:-12}")
+  fi
+  if "$PYTHON" -c "import pytest_timeout" 2> /dev/null; then
+    args+=(--timeout "${FINEVIT_GPU_CHECK_TEST_TIMEOUT:-90}")
+  fi
+  if [ -n "${FINEVIT_GPU_CHECK_PYTEST:-}" ]; then
+    read -r -a selection <<< "$FINEVIT_GPU_CHECK_PYTEST"
+  elif [ "$cpu" = 1 ]; then
+    selection=(tests/kernels/test_dispatch.py)
+  else
+    selection=(tests/kernels tests/integrations tests/model/test_triton_path.py)
+  fi
+  echo "pytest ${args[*]} ${selection[*]}"
+  env -u FINEVIT_ATTENTION_TUNING "$PYTHON" -m pytest "${args[@]}" "${selection[@]}"
+}
+summarise_pytest() { summarise pytest "$work/pytest.log"; }
+
+repro_args() {
+  if [ "$cpu" = 1 ]; then
+    echo "--device cpu --dtypes fp32,fp16 --head-dims 72 --tokens 33,17,64 --heads 2"
+  else
+    echo "--device cuda --dtypes bf16 --head-dims 64,72,80,88,128"
+  fi
+}
+stage_repro() {
+  env -u FINEVIT_ATTENTION_TUNING TRITON_CACHE_AUTOTUNING=1 \
+    "$PYTHON" bench/attention_repro.py $(repro_args) --json "$work/attention_repro.json"
+}
+summarise_repro() { summarise repro "$work/attention_repro.json"; }
+
+sanitizer_bin=$(command -v compute-sanitizer || { [ -x /usr/local/cuda/bin/compute-sanitizer ] && echo /usr/local/cuda/bin/compute-sanitizer; })
+export sanitizer_bin
+stage_sanitizer() {
+  env -u FINEVIT_ATTENTION_TUNING TRITON_CACHE_AUTOTUNING=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$sanitizer_bin" --tool memcheck --error-exitcode 3 --print-limit 10 \
+    "$PYTHON" bench/attention_repro.py $(repro_args) --json "$work/sanitizer_repro.json"
+}
+summarise_sanitizer() { summarise sanitizer "$work/sanitizer.log" "$work/sanitizer_repro.json"; }
+
+stage_aot() {
+  if [ "$cpu" = 1 ]; then
+    "$PYTHON" -m pytest -v -rfE -p no:cacheprovider tests/aot/test_cmake_build.py -k exporter_rejects
+  else
+    env -u FINEVIT_ATTENTION_TUNING "$PYTHON" -m pytest -v -rfE -p no:cacheprovider tests/aot
+  fi
+}
+summarise_aot() { summarise pytest "$work/aot.log"; }
+
+run_bench() { "$PYTHON" "bench/$1.py" $bench_mode --out "$work/results"; }
+export -f run_bench repro_args stage_environment stage_warmup stage_pytest stage_repro stage_sanitizer stage_aot
+for bench in "${benches[@]}"; do
+  eval "stage_bench_$bench() { run_bench $bench; }; summarise_bench_$bench() { summarise bench $bench \"\$work/results\" \"\$work/bench_$bench.log\"; }"
+  export -f "stage_bench_$bench"
 done
-exit "$failed"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------------------------
+"$PYTHON" bench/_gpu_check.py header --mode "$([ "$cpu" = 1 ] && echo cpu || echo gpu)" > "$scratch/header.txt" 2>&1
+tee -a "$summary" < "$scratch/header.txt"
+say "gpu_check: $([ "$cpu" = 1 ] && echo "CPU mode" || echo "GPU") · budget $budget s · benches ${bench_mode:-full}" \
+  "· stages ${FINEVIT_GPU_CHECK_STAGES:-all}${FINEVIT_GPU_CHECK_HANG:+ · HANG injected into $FINEVIT_GPU_CHECK_HANG}"
+
+have_c_tools=$(command -v cmake > /dev/null && { command -v cc > /dev/null || command -v gcc > /dev/null; } && echo 1)
+stage environment "${limits[environment]}"
+stage warmup "${limits[warmup]}"
+stage pytest "${limits[pytest]}"
+stage repro "${limits[repro]}"
+if [ "$cpu" = 1 ]; then
+  stage sanitizer 0 "CPU mode (compute-sanitizer needs a GPU)"
+elif [ -z "$sanitizer_bin" ]; then
+  stage sanitizer 0 "compute-sanitizer not found"
+else
+  stage sanitizer "${limits[sanitizer]}"
+fi
+stage aot "${limits[aot]}" "$([ -z "$have_c_tools" ] && echo "no cmake or C compiler on this machine")"
+for bench in "${benches[@]}"; do
+  stage "bench_$bench" "${limits[bench_$bench]}"
+done
+exit 0  # the EXIT trap reports and sets the status
