@@ -12,12 +12,14 @@
 #                       copy ceilings
 #   warmup        75 s  a time box, not a test: Triton's compile caches filled in parallel by the benches' sharded
 #                       warm-up processes (FINEVIT_BENCH_WARMUP=k/n, only for the benches selected) and by
-#                       bench/warm_kernels.py shards (every kernel forward + backward once per dtype at the tests'
-#                       shapes); processes still compiling at the box are stopped (what they compiled stays cached)
-#                       and counted, not failed; a process that fails fails the stage
+#                       8 bench/warm_kernels.py shards (every kernel forward + backward once per dtype at the tests'
+#                       shapes, fp32 attention first: its compiles are the slowest); processes still compiling at the
+#                       box are stopped (what they compiled stays cached) and counted, not failed; a process that
+#                       fails fails the stage
 #   pytest       150 s  tests/kernels tests/integrations tests/model/test_triton_path.py on the GPU: -v (one line
-#                       per test, so a cut run still names its failures), pytest-xdist -n 8 and pytest-timeout
-#                       --timeout 60 per test when installed, junit xml; the failing test ids go to the summary
+#                       per test, so a cut run still names its failures and the test it was running), pytest-xdist
+#                       -n 12 and pytest-timeout --timeout 90 per test when installed, junit xml; the failing test
+#                       ids go to the summary
 #   repro         60 s  bench/attention_repro.py: bf16 forward + backward errors vs float64 at head dims 64, 72, 80,
 #                       88, 128 with and without RoPE, against PyTorch's bf16 error (table in the summary);
 #                       TRITON_CACHE_AUTOTUNING=1 keeps its autotune choices on disk for the next stage
@@ -31,8 +33,10 @@
 #                       tokens), one after the other; their Targets blocks, and train_step's host syncs per step,
 #                       go to the summary
 # The stages together can ask for more than the budget: later stages get what is left and report "skipped: no time
-# left" when under 10 s remain. A second run can take what the first skipped, e.g. with
+# left" when under 15 s remain. A second run can take what the first skipped, e.g. with
 # FINEVIT_GPU_CHECK_STAGES=environment,warmup,bench (a name selects that stage, or every stage it prefixes + "_").
+# The limits are estimates: this script has not yet run on a GPU (its CPU mode is what CI runs). The summaries,
+# the result line and the packing get the last 12 s of the budget.
 #
 # Output (a lent machine hands back at most 8 files, at most 2 folders deep): OUT_DIR/summary.txt (GPU, driver,
 # torch, triton, commit and date first, then the stage lines as they finish, then the result line) and
@@ -186,7 +190,8 @@ stage() {
   [ -z "$text" ] && text="-"
   record "$name" "$status" "$wall" "$(head -n 1 <<< "$text")" "$(tail -n +2 <<< "$text")"
 }
-summarise() { timeout 25 "$PYTHON" bench/_gpu_check.py "$@" 2>&1; }
+summarise() { timeout "$summary_limit" "$PYTHON" bench/_gpu_check.py "$@" 2>&1; }
+export summary_limit=$((reserve / 2))
 export -f summarise
 
 # ---------------------------------------------------------------------------------------------------------------
