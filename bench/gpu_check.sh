@@ -23,18 +23,20 @@
 #   repro         60 s  bench/attention_repro.py: bf16 forward + backward errors vs float64 at head dims 64, 72, 80,
 #                       88, 128 with and without RoPE, against PyTorch's bf16 error (table in the summary);
 #                       TRITON_CACHE_AUTOTUNING=1 keeps its autotune choices on disk for the next stage
+#   bench_train_step 90 s, bench_attention 90 s, bench_loss 60 s, bench_patch_embed 45 s, bench_integrations 45 s:
+#                       one --quick run each (train_step's --quick runs b16 and so400m14, head dim 72, at 16k
+#                       tokens), one after the other; their Targets blocks, and train_step's host syncs per step,
+#                       go to the summary
 #   sanitizer     60 s  the same repro under compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so an
 #                       access past a tensor is past its allocation; the autotune choices come from the disk cache,
 #                       so only the chosen kernels run instrumented); when compute-sanitizer is installed
 #   aot           90 s  tests/aot: the C library's export, CMake build and ctest (its GPU test runs every exported
 #                       kernel through the C API); when cmake and a C compiler exist
-#   bench_attention 90 s, bench_loss 60 s, bench_patch_embed 45 s, bench_integrations 45 s, bench_train_step 90 s:
-#                       one --quick run each (train_step's --quick runs b16 and so400m14, head dim 72, at 16k
-#                       tokens), one after the other; their Targets blocks, and train_step's host syncs per step,
-#                       go to the summary
 # The stages together can ask for more than the budget: later stages get what is left and report "skipped: no time
-# left" when under 15 s remain. A second run can take what the first skipped, e.g. with
-# FINEVIT_GPU_CHECK_STAGES=environment,warmup,bench (a name selects that stage, or every stage it prefixes + "_").
+# left" when under 15 s remain. They run in order of what the evidence needs first (correctness, the training step,
+# attention, then the rest). A second run can take what the first skipped, e.g. with
+# FINEVIT_GPU_CHECK_STAGES=environment,warmup,bench,sanitizer,aot (a name selects that stage, or every stage it
+# prefixes + "_"): a lent GPU's 15 minutes hold start-up and two runs.
 # The limits are estimates: this script has not yet run on a GPU (its CPU mode is what CI runs). The summaries,
 # the result line and the packing get the last 12 s of the budget.
 #
@@ -95,8 +97,8 @@ export work="$scratch/gpu_check"
 mkdir -p "$work/results"
 summary="$out/summary.txt"
 rm -f "$summary" "$out/gpu_check.tar.gz"
-benches=(attention loss patch_embed integrations train_step)
-all_stages=(environment warmup pytest repro sanitizer aot "${benches[@]/#/bench_}")
+benches=(train_step attention loss patch_embed integrations)  # the order they run in: what the issues ask for first
+all_stages=(environment warmup pytest repro "${benches[@]/#/bench_}" sanitizer aot)
 n_failed=0 n_cut=0 n_time=0 failed_names="" stage_pid="" current=""
 
 say() { printf '%s\n' "$*" | tee -a "$summary"; }
@@ -327,6 +329,9 @@ stage environment "${limits[environment]}"
 stage warmup "${limits[warmup]}"
 stage pytest "${limits[pytest]}"
 stage repro "${limits[repro]}"
+for bench in "${benches[@]}"; do
+  stage "bench_$bench" "${limits[bench_$bench]}"
+done
 if [ "$cpu" = 1 ]; then
   stage sanitizer 0 "CPU mode (compute-sanitizer needs a GPU)"
 elif [ -z "$sanitizer_bin" ]; then
@@ -335,7 +340,4 @@ else
   stage sanitizer "${limits[sanitizer]}"
 fi
 stage aot "${limits[aot]}" "$([ -z "$have_c_tools" ] && echo "no cmake or C compiler on this machine")"
-for bench in "${benches[@]}"; do
-  stage "bench_$bench" "${limits[bench_$bench]}"
-done
 exit 0  # the EXIT trap reports and sets the status
