@@ -23,13 +23,15 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_repro import DTYPE_NAMES, select_triton_path  # noqa: E402  (imports neither torch nor triton)
+
 ATTENTION_HEAD_DIMS = (32, 64, 72, 80, 88, 96, 128)  # tests/kernels/test_attention_kernel.py HEAD_DIMS
 ATTENTION_LENGTHS = (1, 2, 17, 40)
 ROPE_SHAPES = ((17, 2, 72, 72), (129, 3, 80, 80), (17, 3, 88, 88), (129, 2, 128, 128), (17, 2, 88, 40))
 PATCH_SHAPES = ((3, 14), (1, 14), (3, 16), (1, 16))  # (channels, patch)
 LOSS_SHAPES = ((1, 16), (7, 64), (129, 96), (33, 768), (17, 1152))
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def cases(device: str, dtypes: list[str]) -> list[tuple]:
@@ -110,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     if set(dtypes) - set(DTYPE_NAMES) or (device == "cpu" and "bf16" in dtypes):
         parser.error(f"--dtypes: choose from {','.join(DTYPE_NAMES)} (bf16 not on cpu: the interpreter cannot "
                      f"multiply bf16), got {','.join(dtypes)}")
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from attention_repro import select_triton_path
 
     select_triton_path(device)
     import _harness as harness
