@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from finevit import kernels
-from finevit.kernels._validation import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM, MIN_HEAD_DIM, should_check_values
+from finevit.kernels._validation import should_check_values
+from finevit.kernels.attention import SUPPORTED_HEAD_DIMS
 
 # Additive-mask values at or below this are "masked": exp(-1e4) is 0 in every float dtype, so softmax
 # gives those keys exactly zero weight, as a key that is left out does.
@@ -42,10 +43,10 @@ class UnsupportedModelError(ValueError):
 
 def check_head_dim(where: str, head_dim: int) -> None:
     """Refuse head dims outside the attention kernel's limits rather than run something else."""
-    if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % HEAD_DIM_MULTIPLE == 0):
+    if not kernels.supports_head_dim(head_dim):
         raise UnsupportedModelError(
-            f"{where} has head_dim {head_dim}; finevit.kernels.varlen_attention supports multiples of "
-            f"{HEAD_DIM_MULTIPLE} from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}, so this model cannot be patched"
+            f"{where} has head_dim {head_dim}; finevit.kernels.varlen_attention supports "
+            f"{SUPPORTED_HEAD_DIMS}, so this model cannot be patched"
         )
 
 

@@ -105,3 +105,8 @@ def autotune(configs: list[triton.Config], key: list[str], **options):
         return Autotuner(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=None, **options)
 
     return decorator
+
+
+def configs(names: list[str], shapes: list[tuple[int, ...]]) -> list[triton.Config]:
+    """Candidates from (tile sizes named by `names`..., num_warps, num_stages) tuples."""
+    return [triton.Config(dict(zip(names, tiles)), num_warps=w, num_stages=s) for *tiles, w, s in shapes]

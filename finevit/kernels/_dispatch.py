@@ -1,32 +1,27 @@
-"""Which implementation a public op runs: a Triton kernel or the PyTorch reference.
+"""Which path a public op runs: its Triton kernel or the PyTorch reference (`reference.py`).
 
+Every public op ends with `if not use_triton(op, device): return reference.<op>(...)`.
 `FINEVIT_KERNELS` selects the path, read at every call:
-- unset or `auto`: the Triton kernel when the op has one and the tensors are on CUDA (or on CPU with
-  `TRITON_INTERPRET=1`, Triton's interpreter), else the reference;
+- unset or `auto`: the Triton kernel when the tensors are on CUDA (or on CPU with `TRITON_INTERPRET=1`,
+  Triton's interpreter), else the reference;
 - `reference`: always the reference;
-- `triton`: always the Triton kernel; an error when the op has none or the device cannot run it.
+- `triton`: always the Triton kernel; an error when the device cannot run it.
+Set `TRITON_INTERPRET=1` before triton is imported (it is read at import) to interpret the kernels on CPU.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Callable
 
 import torch
-
-from . import reference
-
-# Op name -> "module:function" of its Triton implementation. Kernel modules add their entry here.
-TRITON_IMPLEMENTATIONS: dict[str, str] = {
-    "apply_rope": ".rope:apply_rope",
-    "varlen_attention": ".attention:varlen_attention",
-    "siglip_loss": ".siglip_loss:siglip_loss",
-    "clip_loss": ".clip_loss:clip_loss",
-    "patch_embed": ".patch_embed:patch_embed",
-}
+from torch.library import wrap_triton
 
 MODES = ("auto", "reference", "triton")
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter (tests and CI) rather than compiled."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernel_mode() -> str:
@@ -37,38 +32,30 @@ def kernel_mode() -> str:
 
 
 def triton_can_run_on(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
-def _load(path: str) -> Callable:
-    if path not in _LOADED:
-        module, name = path.split(":")
-        _LOADED[path] = getattr(importlib.import_module(module, package=__package__), name)
-    return _LOADED[path]
-
-
-# Kernel modules are imported with finevit.kernels, so that torch.compile never traces an import
-# (Dynamo refuses importlib); set TRITON_INTERPRET=1 before importing finevit.kernels to interpret them.
-_LOADED: dict[str, Callable] = {}
-for _path in TRITON_IMPLEMENTATIONS.values():
-    _load(_path)
-
-
-def implementation(op: str, device: torch.device) -> Callable:
-    """The function that runs `op` for tensors on `device`, following FINEVIT_KERNELS."""
+def use_triton(op: str, device: torch.device) -> bool:
+    """Whether `op` runs its Triton kernel for tensors on `device`, following FINEVIT_KERNELS."""
     mode = kernel_mode()
     if mode == "reference":
-        return getattr(reference, op)
-    path = TRITON_IMPLEMENTATIONS.get(op)
-    if mode == "triton":
-        if path is None:
-            raise RuntimeError(f"FINEVIT_KERNELS=triton, but {op} has no Triton kernel yet; "
-                               f"unset FINEVIT_KERNELS to use the reference")
-        if not triton_can_run_on(device):
-            raise RuntimeError(f"FINEVIT_KERNELS=triton, but {op} got tensors on {device}: Triton kernels run "
-                               f"on CUDA, or on CPU with TRITON_INTERPRET=1 set before triton is imported")
-    if path is not None and triton_can_run_on(device):
-        return _load(path)
-    return getattr(reference, op)
+        return False
+    if mode == "triton" and not triton_can_run_on(device):
+        raise RuntimeError(f"FINEVIT_KERNELS=triton, but {op} got tensors on {device}: Triton kernels run "
+                           f"on CUDA, or on CPU with TRITON_INTERPRET=1 set before triton is imported")
+    return triton_can_run_on(device)
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output is allocated here (tests replace it with a NaN-filled one to prove that every
+    element is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def launch(tuned, plain, grid, *args, interpreter_blocks: dict, **constexprs) -> None:
+    """Launch an autotuned kernel; under the interpreter, where every autotune candidate would run (slowly),
+    its plain kernel with the one fixed tile `interpreter_blocks` instead."""
+    if interpreting():
+        wrap_triton(plain)[grid](*args, **constexprs, **interpreter_blocks)
+    else:
+        wrap_triton(tuned)[grid](*args, **constexprs)

@@ -13,15 +13,12 @@ one program that owns those rows (no atomics: deterministic).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from ._dispatch import interpreting
+from ._validation import FLOAT_DTYPES, check_tensor, fail
 
 
 def launch_options() -> dict:
@@ -33,6 +30,29 @@ def launch_options() -> dict:
     if interpreting():  # the interpreter runs a tile as numpy arrays: fewer, larger tiles are faster
         return {"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_D": 64}
     return {"BLOCK_A": 64, "BLOCK_B": 128, "BLOCK_D": 64, "num_warps": 8}
+
+
+def check_contrastive(op: str, img, txt, logit_scale, logit_bias, group) -> None:
+    """The inputs of `siglip_loss` (with logit_bias) and `clip_loss` (logit_bias None)."""
+    check_tensor(op, "img", img, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    check_tensor(op, "txt", txt, ndim=2, dtypes=(img.dtype,), device=img.device, last_dim_contiguous=True)
+    if txt.shape != img.shape:
+        fail(op, f"txt must have img's shape {tuple(img.shape)} (B, D), got {tuple(txt.shape)}")
+    if img.shape[0] < 1 or img.shape[1] < 1:
+        fail(op, f"img must hold at least one pair of at least one feature, got shape {tuple(img.shape)}")
+    scalars = [("logit_scale", logit_scale)] + ([("logit_bias", logit_bias)] if op == "siglip_loss" else [])
+    for name, t in scalars:
+        check_tensor(op, name, t, dtypes=FLOAT_DTYPES, device=img.device)
+        if t.numel() != 1:
+            fail(op, f"{name} must hold one value, got shape {tuple(t.shape)}")
+    if group is not None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            fail(op, "group was given but torch.distributed is not initialized", RuntimeError)
+        if not isinstance(group, dist.ProcessGroup):
+            fail(op, f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}",
+                 TypeError)
 
 
 @triton.jit

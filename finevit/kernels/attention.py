@@ -49,21 +49,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._autotune import autotune
+from . import _dispatch, reference
+from ._autotune import autotune, configs
+from ._validation import FLOAT_DTYPES, check_cos_sin, check_cu_seqlens, check_positive_float, check_tensor, fail
 from .rope import rope_fwd
 
 LOG2E = 1.4426950408889634
 CU_BLOCK_SIZES = (16, 32, 64, 128)  # block sizes that the `cu_blocks` table has a row for
 NUM_QK_CHUNKS, NUM_V_CHUNKS = 4, 3
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Output allocation (tests replace it with a NaN-filled one to prove every element is written)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -599,10 +592,6 @@ def _cu_blocks(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return table
 
 
-def _configs(names, shapes):
-    return [triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=st) for a, b, w, st in shapes]
-
-
 # Autotune candidates (tile of the owned rows, tile of the loop, warps, stages). Pruned with the compile report
 # (`python -m finevit.kernels.compile_check`, docs/compile_report.md): tiles that spilled registers at head
 # dims 64-128 on H100 are out (forward 128x128, every backward tile with 128 loop rows), and so are backward
@@ -621,18 +610,10 @@ if os.environ.get("FINEVIT_ATTENTION_TUNING") == "wide":
     _DKDV_SHAPES = _DKDV_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
     _DQ_SHAPES = _DQ_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
 _KEYS = ["head_dim", "max_seqlen_bucket", "ROT_HALF", "QK0_ROT"]  # rotary layout changes the best tile
-_attn_fwd_tuned = autotune(_configs(["BLOCK_M", "BLOCK_N"], _FWD_SHAPES), key=_KEYS)(_attn_fwd_kernel)
-_attn_bwd_dkdv_tuned = autotune(_configs(["BLOCK_N", "BLOCK_M"], _DKDV_SHAPES), key=_KEYS)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq_tuned = autotune(_configs(["BLOCK_M", "BLOCK_N"], _DQ_SHAPES), key=_KEYS)(_attn_bwd_dq_kernel)
-# Under the interpreter every autotune candidate would run (slowly): one fixed config instead.
-_INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
-
-
-def _launch(tuned, plain, grid, *args, **constexprs):
-    if _interpreting():
-        wrap_triton(plain)[grid](*args, **constexprs, **_INTERPRETER_BLOCKS)
-    else:
-        wrap_triton(tuned)[grid](*args, **constexprs)
+_attn_fwd_tuned = autotune(configs(["BLOCK_M", "BLOCK_N"], _FWD_SHAPES), key=_KEYS)(_attn_fwd_kernel)
+_attn_bwd_dkdv_tuned = autotune(configs(["BLOCK_N", "BLOCK_M"], _DKDV_SHAPES), key=_KEYS)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq_tuned = autotune(configs(["BLOCK_M", "BLOCK_N"], _DQ_SHAPES), key=_KEYS)(_attn_bwd_dq_kernel)
+_INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}  # the one tile the interpreter runs
 
 
 def _seqlen_bucket(max_seqlen: int) -> int:
@@ -661,21 +642,21 @@ def attention_fwd(
     else:
         q_rot, k_rot = q.new_empty(0), k.new_empty(0)  # two tensors: outputs may not alias each other
     plan, qk_scale = _common(q, 0, softmax_scale)  # q, k are rotated already: plain channel chunks
-    o = _empty(q.shape, q.dtype, q.device)
-    lse = _empty((num_heads, total_tokens), torch.float32, q.device)
+    o = _dispatch.empty(q.shape, q.dtype, q.device)
+    lse = _dispatch.empty((num_heads, total_tokens), torch.float32, q.device)
     cu_blocks = _cu_blocks(cu_seqlens)
 
     def grid(meta):
         return (triton.cdiv(total_tokens, meta["BLOCK_M"]) + num_seqs, num_heads)
 
-    _launch(
+    _dispatch.launch(
         _attn_fwd_tuned, _attn_fwd_kernel, grid,
         q, k, v, o, lse,
         cu_seqlens, cu_blocks, num_seqs, total_tokens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1),
         qk_scale, head_dim, _seqlen_bucket(max_seqlen),
-        **plan,
+        **plan, interpreter_blocks=_INTERPRETER_BLOCKS,
     )
     return o, lse, q_rot, k_rot
 
@@ -697,13 +678,13 @@ def attention_bwd(
     stride_cs = cos_t.stride(0) if cos_t.numel() else 0
     if do.stride(-1) != 1:  # e.g. the expanded, stride-0 gradient of out.sum()
         do = do.contiguous()
-    dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, k.device)
-    dv = _empty(v.shape, v.dtype, v.device)
-    delta = _empty((num_heads, total_tokens), torch.float32, q.device)
+    dq = _dispatch.empty(q.shape, q.dtype, q.device)
+    dk = _dispatch.empty(k.shape, k.dtype, k.device)
+    dv = _dispatch.empty(v.shape, v.dtype, v.device)
+    delta = _dispatch.empty((num_heads, total_tokens), torch.float32, q.device)
     cu_blocks = _cu_blocks(cu_seqlens)
 
-    block_t = 32 if _interpreting() else 64
+    block_t = 32 if _dispatch.interpreting() else 64
     wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(total_tokens, block_t), num_heads)](
         o, do, delta, total_tokens, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
         HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim),
@@ -718,17 +699,17 @@ def attention_bwd(
     def grid_q(meta):
         return (triton.cdiv(total_tokens, meta["BLOCK_M"]) + num_seqs, num_heads)
 
-    _launch(
+    _dispatch.launch(
         _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, grid_kv,
         q, k, v, do, lse, delta, dk, dv, cos_t, sin_t, *shared,
         *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), stride_cs, *scalars,
-        **plan,
+        **plan, interpreter_blocks=_INTERPRETER_BLOCKS,
     )
-    _launch(
+    _dispatch.launch(
         _attn_bwd_dq_tuned, _attn_bwd_dq_kernel, grid_q,
         q, k, v, do, lse, delta, dq, cos_t, sin_t, *shared,
         *strides, dq.stride(0), dq.stride(1), stride_cs, *scalars,
-        **plan,
+        **plan, interpreter_blocks=_INTERPRETER_BLOCKS,
     )
     return dq, dk, dv
 
@@ -767,8 +748,68 @@ def _backward(ctx, grad_o, grad_lse, grad_q_rot, grad_k_rot):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, cos=None, sin=None, softmax_scale=None):
-    """Triton path of `finevit.kernels.varlen_attention` (inputs already validated there)."""
+MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 32, 256, 8
+SUPPORTED_HEAD_DIMS = f"multiples of {HEAD_DIM_MULTIPLE} from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}"
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether `varlen_attention` runs this head dim (both paths): multiples of 8 from 32 to 256."""
+    return MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % HEAD_DIM_MULTIPLE == 0
+
+
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, cos, sin, softmax_scale) -> None:
+    op = "varlen_attention"
+    check_tensor(op, "q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(op, name, t, ndim=3, dtypes=(q.dtype,), device=q.device, last_dim_contiguous=True)
+        if t.shape != q.shape:
+            fail(op, f"{name} must have q's shape {tuple(q.shape)} (total_tokens, num_heads, head_dim), "
+                 f"got {tuple(t.shape)}")
+    total_tokens, _, head_dim = q.shape
+    if total_tokens < 1 or q.shape[1] < 1:
+        fail(op, f"q must have at least one token and one head, got shape {tuple(q.shape)}")
+    if not supports_head_dim(head_dim):
+        fail(op, f"head_dim must be a multiple of {HEAD_DIM_MULTIPLE} in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], "
+             f"got {head_dim}")
+    check_cu_seqlens(op, cu_seqlens, total_tokens, max_seqlen, q.device)
+    if (cos is None) != (sin is None):
+        fail(op, "cos and sin must be given together (both or neither)")
+    if cos is not None:
+        check_cos_sin(op, cos, sin, total_tokens, head_dim, q.device)
+    if softmax_scale is not None:
+        check_positive_float(op, "softmax_scale", softmax_scale)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Non-causal attention within each sequence of a packed batch, none across sequences.
+
+    Arguments:
+        q, k, v: (total_tokens, num_heads, head_dim), one dtype of fp16 / bf16 / fp32 (fp64 on the
+            reference path), last dim contiguous. head_dim: a multiple of 8 from 32 to 256.
+        cu_seqlens: int32 (num_seqs + 1,): 0, then the cumulative sequence lengths, ending at total_tokens.
+        max_seqlen: Python int, the longest sequence (an upper bound is accepted).
+        cos, sin: optional float32 (total_tokens, rotary_dim // 2), even rotary_dim <= head_dim. When given,
+            q and k are rotated inside the op (rotate-half on the first rotary_dim channels:
+            x1' = x1·cos − x2·sin, x2' = x2·cos + x1·sin), the rest pass through; build them with
+            `rope_2d_cos_sin` (images) or `rope_1d_cos_sin` (text).
+        softmax_scale: defaults to head_dim ** -0.5.
+    Returns:
+        (total_tokens, num_heads, head_dim) in q's dtype, differentiable w.r.t. q, k, v.
+    """
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, cos, sin, softmax_scale)
+    if not _dispatch.use_triton("varlen_attention", q.device):
+        return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, cos=cos, sin=sin,
+                                          softmax_scale=softmax_scale)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     return attention_fwd(q, k, v, cu_seqlens, max_seqlen, cos, sin, float(softmax_scale))[0]

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._pairwise import Ring, _accumulate_grad, _dot_tile, launch_options, ring_backward, ring_forward
+from . import _dispatch, reference
+from ._pairwise import Ring, _accumulate_grad, _dot_tile, check_contrastive, launch_options, ring_backward, ring_forward
 
 LN2 = 0.6931471805599453
 
@@ -176,6 +177,13 @@ class _ClipLoss(torch.autograd.Function):
         return d_img.to(img.dtype), d_txt.to(txt.dtype), ds.sum().reshape(scale_shape).to(scale_dtype), None
 
 
-def clip_loss(img, txt, logit_scale, *, group=None):
-    """Triton path of `finevit.kernels.clip_loss` (inputs already validated there)."""
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *, group=None) -> torch.Tensor:
+    """CLIP's softmax contrastive loss, equal to open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)`.
+
+    The mean of the image->text and text->image cross-entropies over the local rows, logits
+    logit_scale · img @ txtᵀ against every row of the global batch. Arguments as in `siglip_loss`.
+    """
+    check_contrastive("clip_loss", img, txt, logit_scale, None, group)
+    if not _dispatch.use_triton("clip_loss", img.device):
+        return reference.clip_loss(img, txt, logit_scale, group=group)
     return _ClipLoss.apply(img, txt, logit_scale, group)

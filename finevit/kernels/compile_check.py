@@ -65,13 +65,14 @@ try:  # the import path of GPUTarget moved between triton releases
 except ImportError:  # pragma: no cover
     from triton.compiler.compiler import GPUTarget
 
-from ._pairwise import interpreting
+from ._dispatch import interpreting
 from .utils import cu_seqlens_from_lengths
 
 TARGETS = (80, 90)
 # Shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100 163 KB, H100 227 KB.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# Modules whose launchers the cases drive: each starts its kernels through its own `wrap_triton` name.
+# Modules whose launchers the cases drive: each starts its kernels through its own `wrap_triton` name
+# (or `_dispatch.launch`'s).
 KERNEL_MODULES = ("attention", "patch_embed", "rope", "siglip_loss", "clip_loss")
 # The triton releases CI compiles every kernel with, besides the one installed with torch: the oldest we support
 # (the pin of torch 2.10 and 2.11; pyproject.toml says triton>=3.6) and the newest release (2026-12-05).
@@ -331,8 +332,11 @@ def record(case: Case) -> list[Launch]:
             return lambda *args, **kwargs: launches.append(Launch(self.kernel, args, kwargs, grid))
 
     with contextlib.ExitStack() as stack:
-        for name in KERNEL_MODULES:
-            stack.enter_context(unittest.mock.patch.object(_module(name), "wrap_triton", Recorder))
+        for module in map(_module, (*KERNEL_MODULES, "_dispatch")):
+            if hasattr(module, "wrap_triton"):
+                stack.enter_context(unittest.mock.patch.object(module, "wrap_triton", Recorder))
+        # The public ops take their Triton path whatever the (CPU) device: launches are recorded, not run.
+        stack.enter_context(unittest.mock.patch.object(_module("_dispatch"), "use_triton", lambda op, device: True))
         case.run()
     return launches
 

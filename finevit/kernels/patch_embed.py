@@ -44,26 +44,17 @@ read from DRAM once and from L2 by the other D / BLOCK_N programs; the weight (�
 from __future__ import annotations
 
 import functools
-import os
+import math
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from . import reference
-from ._autotune import autotune
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Output allocation (tests replace it with a NaN-filled one to prove every element is written)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
+from . import _dispatch, reference
+from ._autotune import autotune, configs
+from ._validation import FLOAT_DTYPES, check_tensor, fail
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
@@ -218,10 +209,6 @@ def _patch_embed_dweight_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _configs(names, shapes):
-    return [triton.Config(dict(zip(names, tiles)), num_warps=w, num_stages=s) for *tiles, w, s in shapes]
-
-
 # Autotune candidates (tiles, warps, stages), pruned with the H100 (sm_90) ptxas report compiled on CPU:
 # configs that spill registers for uint8 or bf16 patches with bf16 weights, K 588 / 768 and D 768 / 1152,
 # are out (forward 128x128x64 with 4 warps: 48 B); see bench/NOTES.md. fp32 weights get their own short
@@ -238,7 +225,7 @@ _KEYS = ["out_features", "in_features", "rows_bucket", "NORMALIZE", "HAS_BIAS"] 
 
 def _autotuned(kernel, names, shapes, fp32_shapes, keys):
     """{is_fp32: the kernel autotuned over that dtype's list}."""
-    return {fp32: autotune(_configs(names, s), key=keys)(kernel)
+    return {fp32: autotune(configs(names, s), key=keys)(kernel)
             for fp32, s in ((False, shapes), (True, fp32_shapes))}
 
 
@@ -246,20 +233,12 @@ _fwd_tuned = _autotuned(_patch_embed_fwd_kernel, ["BLOCK_M", "BLOCK_N", "BLOCK_K
                         _KEYS + ["W_IN_CONTIGUOUS"])
 _dweight_tuned = _autotuned(_patch_embed_dweight_kernel, ["BLOCK_D", "BLOCK_K", "BLOCK_R"], _DWEIGHT_SHAPES,
                             _DWEIGHT_SHAPES_FP32, _KEYS)
-# Under the interpreter every autotune candidate would run (slowly): one fixed config instead.
-_INTERPRETER_BLOCKS = {
+_INTERPRETER_BLOCKS = {  # the one tile of each kernel that the interpreter runs
     _patch_embed_fwd_kernel: {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64},
     _patch_embed_dweight_kernel: {"BLOCK_D": 32, "BLOCK_K": 64, "BLOCK_R": 32},
 }
 _INTERPRETER_ROWS_PER_SPLIT = 32  # small, so that the tests' row counts cover several splits
 _MIN_ROWS_PER_SPLIT, _MAX_SPLITS = 1024, 16
-
-
-def _launch(tuned, plain, grid, *args, **constexprs):
-    if _interpreting():
-        wrap_triton(plain)[grid](*args, **constexprs, **_INTERPRETER_BLOCKS[plain])
-    else:
-        wrap_triton(tuned)[grid](*args, **constexprs)
 
 
 def _alignment(*values: int) -> int:
@@ -289,7 +268,7 @@ def _rows_per_split(rows: int, out_features: int, columns: int, device: torch.de
     = 390 programs, 98.5% of 3 waves (one wave of 30 × 4 would leave 9% of the SMs idle; the partial sums
     cost 13 · D · (K + 1) · 4 bytes = 24 MB, written once and summed once).
     """
-    if _interpreting() or device.type != "cuda":
+    if _dispatch.interpreting() or device.type != "cuda":
         return _INTERPRETER_ROWS_PER_SPLIT
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     tiles = triton.cdiv(out_features, 128) * triton.cdiv(columns, 128)
@@ -329,7 +308,7 @@ def patch_embed_fwd(
         weight = weight.contiguous()
     w_in_contiguous = weight.stride(1) == 1
     stride_w = weight.stride(0) if w_in_contiguous else weight.stride(1)
-    y = _empty((rows, out_features), weight.dtype, weight.device)
+    y = _dispatch.empty((rows, out_features), weight.dtype, weight.device)
     if rows == 0 or out_features == 0:
         return y
     bias = bias.contiguous() if bias is not None else None
@@ -338,7 +317,7 @@ def patch_embed_fwd(
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)
 
-    _launch(
+    _dispatch.launch(
         _fwd_tuned[weight.dtype == torch.float32], _patch_embed_fwd_kernel, grid,
         patches, weight, bias if bias is not None else weight, norm if normalize else weight, y,
         rows, out_features // align, in_features // align,
@@ -346,6 +325,7 @@ def patch_embed_fwd(
         _rows_bucket(rows),
         NORMALIZE=normalize, FEATURES_PER_CHANNEL=features_per_channel, HAS_BIAS=bias is not None,
         W_IN_CONTIGUOUS=w_in_contiguous, ALIGN=align, DOT_PRECISION=_dot_precision(weight.dtype),
+        interpreter_blocks=_INTERPRETER_BLOCKS[_patch_embed_fwd_kernel],
     )
     return y
 
@@ -364,14 +344,14 @@ def patch_embed_dweight(
     columns = in_features + int(with_bias)
     rows_per_split = max(1, _rows_per_split(rows, out_features, columns, grad.device))
     splits = max(1, triton.cdiv(rows, rows_per_split))  # rows == 0: one split of zeros
-    partial = _empty((splits, out_features, columns), torch.float32, grad.device)
+    partial = _dispatch.empty((splits, out_features, columns), torch.float32, grad.device)
     align = _alignment(out_features, in_features, grad.stride(0), patches.stride(0))
 
     def grid(meta):
         return (triton.cdiv(out_features, meta["BLOCK_D"]), triton.cdiv(columns, meta["BLOCK_K"]), splits)
 
     if out_features and columns:
-        _launch(
+        _dispatch.launch(
             _dweight_tuned[grad.dtype == torch.float32], _patch_embed_dweight_kernel, grid,
             grad, patches, norm if normalize else grad, partial,
             rows, out_features // align, in_features // align, rows_per_split,
@@ -379,6 +359,7 @@ def patch_embed_dweight(
             _rows_bucket(rows),
             NORMALIZE=normalize, FEATURES_PER_CHANNEL=features_per_channel, HAS_BIAS=with_bias,
             ALIGN=align, DOT_PRECISION=_dot_precision(grad.dtype),
+            interpreter_blocks=_INTERPRETER_BLOCKS[_patch_embed_dweight_kernel],
         )
     total = partial[0] if splits == 1 else partial.sum(0)  # (D, K + with_bias) float32, deterministic
     # Fresh contiguous outputs (the fake implementation's layout), never views of the partial sums.
@@ -440,12 +421,60 @@ def _cached_scale_shift(mean: tuple[float, ...], std: tuple[float, ...], device:
     return _scale_shift(mean, std, device)
 
 
-def patch_embed(patches, weight, bias=None, *, mean=None, std=None):
-    """Triton path of `finevit.kernels.patch_embed` (inputs already validated there).
+def _check_inputs(patches, weight, bias, mean, std) -> None:
+    op = "patch_embed"
+    check_tensor(op, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "patches", patches, ndim=2, dtypes=(torch.uint8, weight.dtype), device=weight.device,
+                 last_dim_contiguous=True)
+    num_features = weight.shape[1]
+    if patches.shape[1] != num_features:
+        fail(op, f"patches must have shape (num_patches, C·P·P={num_features}) to match weight "
+             f"{tuple(weight.shape)}, got {tuple(patches.shape)}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, ndim=1, dtypes=(weight.dtype,), device=weight.device)
+        if bias.shape[0] != weight.shape[0]:
+            fail(op, f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
+    if patches.dtype != torch.uint8:
+        if mean is not None or std is not None:
+            fail(op, "mean and std normalize uint8 patches; float patches are used as is, pass neither")
+        return
+    if mean is None or std is None:
+        fail(op, "uint8 patches need mean and std (one float per channel)")
+    for name, values in (("mean", mean), ("std", std)):
+        if isinstance(values, (str, torch.Tensor)) or not isinstance(values, Sequence):
+            fail(op, f"{name} must be a sequence of floats (one per channel), got {type(values).__name__}",
+                 TypeError)
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(op, f"{name} must hold finite floats, got {list(values)}", TypeError)
+    if len(mean) != len(std) or len(mean) == 0:
+        fail(op, f"mean and std must have one value per channel (same length >= 1), "
+             f"got {len(mean)} and {len(std)}")
+    if min(std) <= 0:
+        fail(op, f"std must be positive, got {list(std)}")
+    if num_features % len(mean):
+        fail(op, f"patches have {num_features} features, not a multiple of C={len(mean)} channels "
+             f"(the length of mean/std)")
 
-    float64 weights (a testing dtype: the kernels accumulate in fp32) run the PyTorch reference.
+
+def patch_embed(
+    patches: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Patch embedding as one GEMM: (num_patches, C·P·P) patches -> (num_patches, D) in weight's dtype.
+
+    patches are flattened in (C, P, P) order, so weight = conv.weight.reshape(D, -1) of a
+    Conv2d(C, D, P, stride=P) gives the conv's result. uint8 patches are normalized as
+    (x / 255 − mean[c]) / std[c] (mean, std: one float per channel, required); float patches must have
+    weight's dtype and are used as is. Differentiable w.r.t. weight, bias and float patches.
+    float64 weights (a testing dtype: the kernels accumulate in fp32) always run the PyTorch reference.
     """
-    if weight.dtype == torch.float64:
+    _check_inputs(patches, weight, bias, mean, std)
+    if not _dispatch.use_triton("patch_embed", weight.device) or weight.dtype == torch.float64:
         return reference.patch_embed(patches, weight, bias, mean=mean, std=std)
     norm, features_per_channel = None, 1
     if patches.dtype == torch.uint8:

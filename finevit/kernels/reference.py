@@ -1,9 +1,8 @@
 """Pure-PyTorch reference of every public op of `finevit.kernels`.
 
 These functions are the oracle the Triton kernels are tested against (run them in float64 for that)
-and the path taken on devices without a kernel. They assume inputs already checked by
-`finevit.kernels._validation` (the public functions do that) and follow the semantics of
-`shared/DESIGN.md` exactly:
+and the path taken on devices without a kernel. They assume inputs already checked (the public
+functions check them) and follow the semantics of docs/design.md exactly:
 
 - `varlen_attention`: non-causal attention inside each packed sequence, none across sequences.
 - `apply_rope` / `rope_2d_cos_sin`: the rotate-half 2D rotary embedding of Qwen2-VL's vision tower

@@ -39,6 +39,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import _dispatch, reference
+from ._validation import FLOAT_DTYPES, check_cos_sin, check_int, check_positive_float, check_tensor, fail
+
 # ----------------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------------
@@ -229,23 +232,64 @@ _apply_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Public function
+# Public functions: apply_rope, and the cos/sin tables it takes
 # ----------------------------------------------------------------------------------------------------
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding of x with a Triton kernel, differentiable w.r.t. x (and cos, sin).
+    """Rotary embedding on x, the same rotation `varlen_attention` fuses; differentiable w.r.t. x (and cos, sin).
 
     Arguments:
         x: (total_tokens, num_heads, head_dim), fp16 / bf16 / fp32, channel dim contiguous; token and head
             strides are free (a view of a fused (T, 3, H, D) qkv projection works without a copy).
         cos, sin: float32 (total_tokens, rotary_dim // 2) with even rotary_dim <= head_dim, channel dim
-            contiguous; build them with `finevit.kernels.rope_2d_cos_sin` / `rope_1d_cos_sin`.
+            contiguous; build them with `rope_2d_cos_sin` (images) / `rope_1d_cos_sin` (text).
     Returns:
         A new contiguous (total_tokens, num_heads, head_dim) tensor in x's dtype: with r = rotary_dim,
         x1 = x[..., :r/2], x2 = x[..., r/2:r], it holds x1·cos − x2·sin, x2·cos + x1·sin, then x[..., r:]
         unchanged. Computed in fp32. The backward is the conjugate rotation (sin -> −sin).
-
-    Inputs are assumed checked (`finevit.kernels.apply_rope` checks them, then dispatches here).
     """
+    check_tensor("apply_rope", "x", x, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    check_cos_sin("apply_rope", cos, sin, x.shape[0], x.shape[2], x.device)
+    if not _dispatch.use_triton("apply_rope", x.device):
+        return reference.apply_rope(x, cos, sin)
     return _apply_rope_op(x, cos, sin, False)
+
+
+def _check_table_inputs(op: str, positions, head_dim, theta, rotary_dim, *, axes: int) -> None:
+    """A cos/sin builder's inputs. `axes`: 1 (text positions) or 2 (image (row, col) positions)."""
+    shape = "(total_tokens, 2)" if axes == 2 else "(total_tokens,)"
+    check_tensor(op, "positions", positions, ndim=2 if axes == 2 else 1, dtypes=(torch.int32, torch.int64))
+    if axes == 2 and positions.shape[1] != 2:
+        fail(op, f"positions must have shape {shape} holding (row, col), got {tuple(positions.shape)}")
+    check_int(op, "head_dim", head_dim, minimum=1)
+    check_positive_float(op, "theta", theta)
+    r = head_dim if rotary_dim is None else rotary_dim
+    check_int(op, "rotary_dim", r, minimum=1)
+    # Each axis needs whole rotate-half pairs: 2 channels per frequency, `axes` angle groups.
+    multiple = 2 * axes
+    if r % multiple or r > head_dim:
+        fail(op, f"rotary_dim must be a multiple of {multiple} and <= head_dim={head_dim}, got {r}")
+
+
+def rope_2d_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0, rotary_dim: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables for 2D RoPE from patch positions, equal to Qwen2-VL's vision rotary embedding.
+
+    positions: int (total_tokens, 2) = (row, col) of each patch in its image. With r = rotary_dim or
+    head_dim (a multiple of 4), inv_freq = theta ** (-arange(0, r/2, 2) / (r/2)) and the angles are
+    [row·inv_freq | col·inv_freq]. Returns float32 cos, sin of shape (total_tokens, r/2).
+    """
+    _check_table_inputs("rope_2d_cos_sin", positions, head_dim, theta, rotary_dim, axes=2)
+    return reference.rope_2d_cos_sin(positions, head_dim, theta, rotary_dim)
+
+
+def rope_1d_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0, rotary_dim: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables for 1D (text) RoPE: positions int (total_tokens,), r = rotary_dim or head_dim (even),
+    inv_freq = theta ** (-arange(0, r, 2) / r), angles positions·inv_freq -> float32 (total_tokens, r/2).
+    """
+    _check_table_inputs("rope_1d_cos_sin", positions, head_dim, theta, rotary_dim, axes=1)
+    return reference.rope_1d_cos_sin(positions, head_dim, theta, rotary_dim)

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._pairwise import Ring, _accumulate_grad, _dot_tile, launch_options, ring_backward, ring_forward
+from . import _dispatch, reference
+from ._pairwise import Ring, _accumulate_grad, _dot_tile, check_contrastive, launch_options, ring_backward, ring_forward
 
 
 @triton.jit
@@ -179,6 +180,18 @@ class _SigLipLoss(torch.autograd.Function):
                 db.sum().reshape(bias_shape).to(bias_dtype), None)
 
 
-def siglip_loss(img, txt, logit_scale, logit_bias, *, group=None):
-    """Triton path of `finevit.kernels.siglip_loss` (inputs already validated there)."""
+def siglip_loss(
+    img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor, *, group=None
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss, equal to open_clip's `SigLipLoss` (value and gradients).
+
+    img, txt: (B, D) L2-normalized features; row i of img matches row i of txt. logit_scale (already
+    exponentiated) and logit_bias: one-element tensors that receive gradients. Logits are
+    logit_scale · img @ txtᵀ + logit_bias; the loss is Σ_ij −log σ(±z_ij) / B (+ on matching pairs).
+    With `group`, each rank passes its shard, the global batch is the concatenation in rank order and
+    each rank's loss covers its own rows against every text. Returns a float32 (float64) scalar.
+    """
+    check_contrastive("siglip_loss", img, txt, logit_scale, logit_bias, group)
+    if not _dispatch.use_triton("siglip_loss", img.device):
+        return reference.siglip_loss(img, txt, logit_scale, logit_bias, group=group)
     return _SigLipLoss.apply(img, txt, logit_scale, logit_bias, group)

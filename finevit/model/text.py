@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from finevit import kernels
-from finevit.kernels._validation import check_head_dim
+from finevit.kernels.attention import SUPPORTED_HEAD_DIMS
 
 from .pretrained import Pretrained
 from .vit import Block, check_mlp_kind, init_transformer_weights
@@ -39,7 +39,9 @@ class TextConfig:
     def __post_init__(self):
         if self.width % self.num_heads:
             raise ValueError(f"TextConfig: width={self.width} is not divisible by num_heads={self.num_heads}")
-        check_head_dim("TextConfig", self.head_dim)
+        if not kernels.supports_head_dim(self.head_dim):
+            raise ValueError(f"TextConfig: head_dim = width / num_heads = {self.head_dim}; "
+                             f"finevit.kernels.varlen_attention supports {SUPPORTED_HEAD_DIMS}")
         check_mlp_kind("TextConfig", self.mlp)
         if self.pool not in POOL_KINDS:
             raise ValueError(f"TextConfig: pool must be one of {POOL_KINDS}, got {self.pool!r}")

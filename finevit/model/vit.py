@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from finevit import kernels
+from finevit.kernels.attention import SUPPORTED_HEAD_DIMS
 from finevit.kernels import pad_packed
-from finevit.kernels._validation import check_head_dim
 
 from .pretrained import Pretrained
 
@@ -53,7 +53,9 @@ class FineViTConfig:
     def __post_init__(self):
         if self.width % self.num_heads:
             raise ValueError(f"FineViTConfig: width={self.width} is not divisible by num_heads={self.num_heads}")
-        check_head_dim("FineViTConfig", self.head_dim)
+        if not kernels.supports_head_dim(self.head_dim):
+            raise ValueError(f"FineViTConfig: head_dim = width / num_heads = {self.head_dim}; "
+                             f"finevit.kernels.varlen_attention supports {SUPPORTED_HEAD_DIMS}")
         check_mlp_kind("FineViTConfig", self.mlp)
         if not len(self.image_mean) == len(self.image_std) == self.in_channels:
             raise ValueError(f"FineViTConfig: image_mean and image_std need in_channels={self.in_channels} "

@@ -1,6 +1,4 @@
-"""FINEVIT_KERNELS selects the implementation; a forced path that cannot run fails clearly."""
-
-import sys
+"""FINEVIT_KERNELS selects the path of every public op; a forced path that cannot run fails clearly."""
 
 import pytest
 import torch
@@ -8,23 +6,7 @@ import torch
 import finevit.kernels as K
 from finevit.kernels import _dispatch, reference
 
-
-@pytest.fixture
-def fake_triton_kernel(monkeypatch):
-    """Register a stand-in 'Triton' apply_rope so the selection logic can be observed."""
-    calls = []
-
-    def kernel(x, cos, sin):
-        calls.append(x.device)
-        return reference.apply_rope(x, cos, sin)
-
-    monkeypatch.setitem(_dispatch.TRITON_IMPLEMENTATIONS, "apply_rope", f"{__name__}:_stand_in")
-    monkeypatch.setattr(sys.modules[__name__], "_stand_in", kernel)
-    return calls
-
-
-def _stand_in(*args):  # replaced by the fixture
-    raise AssertionError("the fixture did not install the stand-in kernel")
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 
 def rope_inputs():
@@ -33,37 +15,74 @@ def rope_inputs():
     return x, cos, sin
 
 
-def test_auto_uses_the_reference_on_cpu_without_the_interpreter(monkeypatch, fake_triton_kernel):
-    monkeypatch.delenv("FINEVIT_KERNELS", raising=False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert _dispatch.implementation("apply_rope", torch.device("cpu")) is reference.apply_rope
-    K.apply_rope(*rope_inputs())
-    assert fake_triton_kernel == []
+def attention_inputs():
+    q, k, v = (torch.randn(5, 2, 32) for _ in range(3))
+    return q, k, v, K.cu_seqlens_from_lengths([2, 3]), 3
 
 
-def test_auto_uses_the_triton_kernel_under_the_interpreter_and_on_cuda(monkeypatch, fake_triton_kernel):
-    monkeypatch.delenv("FINEVIT_KERNELS", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    K.apply_rope(*rope_inputs())
-    assert fake_triton_kernel == [torch.device("cpu")]
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert _dispatch.implementation("apply_rope", torch.device("cuda", 0)) is not reference.apply_rope
+def loss_inputs():
+    img, txt = (torch.nn.functional.normalize(torch.randn(6, 8), dim=-1) for _ in range(2))
+    return img, txt, torch.tensor(10.0), torch.tensor(-10.0)
 
 
-def test_reference_mode_wins_over_an_available_kernel(monkeypatch, fake_triton_kernel):
+# (public op, its reference, inputs) for every op that has a Triton kernel.
+OPS = {
+    "varlen_attention": (K.varlen_attention, "varlen_attention", attention_inputs),
+    "apply_rope": (K.apply_rope, "apply_rope", rope_inputs),
+    "patch_embed": (K.patch_embed, "patch_embed", lambda: (torch.randn(3, 12), torch.randn(4, 12))),
+    "siglip_loss": (K.siglip_loss, "siglip_loss", loss_inputs),
+    "clip_loss": (K.clip_loss, "clip_loss", lambda: loss_inputs()[:3]),
+}
+
+
+@pytest.mark.parametrize(
+    "mode, interpret, device, expected",
+    [
+        ("auto", False, CPU, False),
+        ("auto", True, CPU, True),
+        ("auto", False, CUDA, True),
+        ("reference", True, CPU, False),
+        ("reference", False, CUDA, False),
+        ("triton", True, CPU, True),
+        ("triton", False, CUDA, True),
+    ],
+)
+def test_use_triton_follows_the_mode_and_the_device(monkeypatch, mode, interpret, device, expected):
+    monkeypatch.setenv("FINEVIT_KERNELS", mode)
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _dispatch.use_triton("apply_rope", device) is expected
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_reference_mode_runs_the_reference_of_every_op(monkeypatch, op):
+    """The public op hands its (checked) inputs to `reference.<op>`, even where its kernel could run."""
+    public, name, inputs = OPS[op]
+    calls = []
+    real = getattr(reference, name)
+    monkeypatch.setattr(reference, name, lambda *a, **kw: calls.append(op) or real(*a, **kw))
     monkeypatch.setenv("FINEVIT_KERNELS", "reference")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    K.apply_rope(*rope_inputs())
-    assert fake_triton_kernel == []
+    public(*inputs())
+    assert calls == [op]
 
 
-def test_forced_triton_fails_clearly_without_a_kernel_or_a_capable_device(monkeypatch, fake_triton_kernel):
+@pytest.mark.parametrize("op", OPS)
+def test_triton_mode_runs_the_kernel_of_every_op(monkeypatch, op):
+    """Under the interpreter with FINEVIT_KERNELS=triton no op falls back to its reference."""
+    public, name, inputs = OPS[op]
+    monkeypatch.setattr(reference, name, lambda *a, **kw: pytest.fail(f"{op} ran its reference"))
+    monkeypatch.setenv("FINEVIT_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    public(*inputs())
+
+
+def test_forced_triton_fails_clearly_on_a_device_that_cannot_run_it(monkeypatch):
     monkeypatch.setenv("FINEVIT_KERNELS", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="apply_rope got tensors on cpu"):
-        K.apply_rope(*rope_inputs())
-    monkeypatch.delitem(_dispatch.TRITON_IMPLEMENTATIONS, "apply_rope")
-    with pytest.raises(RuntimeError, match="apply_rope has no Triton kernel yet"):
         K.apply_rope(*rope_inputs())
 
 
@@ -73,6 +92,7 @@ def test_an_unknown_mode_is_an_error(monkeypatch):
         K.apply_rope(*rope_inputs())
 
 
-def test_every_triton_entry_names_a_public_op_with_a_reference():
-    for op in _dispatch.TRITON_IMPLEMENTATIONS:
-        assert op in K.__all__ and callable(getattr(reference, op))
+def test_every_public_op_with_a_kernel_is_covered_here():
+    with_reference = {name for name in K.__all__
+                      if getattr(getattr(reference, name, None), "__module__", None) == reference.__name__}
+    assert set(OPS) == with_reference - {"rope_2d_cos_sin", "rope_1d_cos_sin"}  # tables: plain torch, no kernel

@@ -12,13 +12,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import finevit.kernels as K
 from finevit.kernels import reference
-from finevit.kernels.clip_loss import clip_loss as clip_triton
-from finevit.kernels.siglip_loss import siglip_loss as siglip_triton
 
 from .comparisons import assert_error_within
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("triton_path")  # tests/kernels/conftest.py
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
@@ -57,7 +56,7 @@ SHAPES = [(1, 16), (7, 64), (129, 96), (33, 768), (17, 1152)]
 def test_siglip_kernel_matches_float64_and_open_clip(batch, dim, dtype):
     img, txt = features(batch, dim, dtype)
     scalars = [torch.tensor(10.0, device=DEVICE), torch.tensor(-10.0, device=DEVICE)]
-    compare(siglip_triton, open_clip_loss.SigLipLoss(), reference.siglip_loss, img, txt, scalars)
+    compare(K.siglip_loss, open_clip_loss.SigLipLoss(), reference.siglip_loss, img, txt, scalars)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -66,14 +65,14 @@ def test_clip_kernel_matches_float64_and_open_clip(batch, dim, dtype):
     img, txt = features(batch, dim, dtype)
     scalars = [torch.tensor(1 / 0.07, device=DEVICE)]
     theirs = open_clip_loss.ClipLoss(local_loss=True, gather_with_grad=True)
-    compare(clip_triton, theirs, reference.clip_loss, img, txt, scalars)
+    compare(K.clip_loss, theirs, reference.clip_loss, img, txt, scalars)
 
 
 def test_both_kernels_at_batch_1000():
     img, txt = features(1000, 16, torch.float32)
-    compare(siglip_triton, open_clip_loss.SigLipLoss(), reference.siglip_loss, img, txt,
+    compare(K.siglip_loss, open_clip_loss.SigLipLoss(), reference.siglip_loss, img, txt,
             [torch.tensor(10.0, device=DEVICE), torch.tensor(-10.0, device=DEVICE)])
-    compare(clip_triton, open_clip_loss.ClipLoss(), reference.clip_loss, img, txt,
+    compare(K.clip_loss, open_clip_loss.ClipLoss(), reference.clip_loss, img, txt,
             [torch.tensor(1 / 0.07, device=DEVICE)])
 
 
@@ -81,8 +80,8 @@ def test_both_kernels_at_batch_1000():
 def test_losses_stay_finite_and_exact_at_the_scale_and_bias_training_reaches(dtype):
     img, txt = features(64, 32, dtype, near=True)  # confident positives: |z| up to ~146
     for ours, ref, scalars in (
-        (siglip_triton, reference.siglip_loss, [torch.tensor(130.0), torch.tensor(-16.0)]),
-        (clip_triton, reference.clip_loss, [torch.tensor(130.0)]),
+        (K.siglip_loss, reference.siglip_loss, [torch.tensor(130.0), torch.tensor(-16.0)]),
+        (K.clip_loss, reference.clip_loss, [torch.tensor(130.0)]),
     ):
         scalars = [s.to(DEVICE) for s in scalars]
         loss, grads = run(ours, img, txt, scalars)
@@ -116,22 +115,12 @@ def test_no_batch_by_batch_tensor_exists_in_forward_or_backward(loss):
     txt.requires_grad_()
     scale, bias = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
     with LargestTensor() as mode:
-        out = siglip_triton(img, txt, scale, bias) if loss == "siglip" else clip_triton(img, txt, scale)
+        out = K.siglip_loss(img, txt, scale, bias) if loss == "siglip" else K.clip_loss(img, txt, scale)
         out.backward()
     assert mode.largest <= batch * dim, f"a tensor of {mode.largest} elements was created (B² = {batch * batch})"
     with LargestTensor() as mode:  # the check itself can fail: the reference does build the logits
         reference.siglip_loss(img, txt, scale, bias).backward()
     assert mode.largest >= batch * batch
-
-
-def test_public_functions_run_the_triton_kernels_when_asked(monkeypatch):
-    monkeypatch.setenv("FINEVIT_KERNELS", "triton")
-    img, txt = features(9, 24, torch.float32)
-    scale, bias = torch.tensor(10.0, device=DEVICE), torch.tensor(-10.0, device=DEVICE)
-    torch.testing.assert_close(K.siglip_loss(img, txt, scale, bias), siglip_triton(img, txt, scale, bias))
-    torch.testing.assert_close(K.clip_loss(img, txt, scale), clip_triton(img, txt, scale))
-    monkeypatch.setenv("FINEVIT_KERNELS", "reference")
-    torch.testing.assert_close(K.siglip_loss(img, txt, scale, bias), siglip_triton(img, txt, scale, bias))
 
 
 def test_loss_ops_have_fake_implementations():

@@ -33,6 +33,8 @@ from finevit.kernels import _dispatch, reference, rope  # noqa: E402
 
 from .comparisons import assert_error_within  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("triton_path")  # tests/kernels/conftest.py
+
 if not ON_GPU:
     if _previous_interpret is None:
         del os.environ["TRITON_INTERPRET"]
@@ -286,7 +288,7 @@ def test_public_apply_rope_runs_this_kernel(monkeypatch, kernel_launches, mode):
     cos, sin = K.rope_2d_cos_sin(positions, 80)
     x = torch.randn(17, 2, 80, device=DEVICE, dtype=torch.float16, requires_grad=True)
 
-    assert _dispatch.implementation("apply_rope", DEVICE) is rope.apply_rope
+    assert _dispatch.use_triton("apply_rope", DEVICE)
     out = K.apply_rope(x, cos, sin)
     out.backward(torch.randn_like(out))
 
