@@ -1,4 +1,4 @@
-"""Native-resolution data pipeline (shared/DESIGN.md's data contract).
+"""Native-resolution data pipeline (docs/design.md's data contract).
 
     image.py    decode (EXIF, mode rule) -> smart_resize -> antialiased resize -> patchify; boxes on the grid
     packing.py  best-fit packing under a token budget; collation into the packed image and text batches

@@ -17,7 +17,7 @@ Measured on the embedded dataset's size distribution (tests/data/test_packing.py
 budget, 99.9 % of 8192 and 99.7 % of 16384 filled with real patches (99.9 % at every budget without the final
 drain), against 79 / 89 / 94 % for sequential greedy packing.
 
-`collate` turns one group into the packed batch of shared/DESIGN.md plus the tokenized texts:
+`collate` turns one group into the packed batch of docs/design.md plus the tokenized texts:
 
     batch["image"] = {patches uint8 (N, C·P·P), positions int32 (N, 2) = (row, col), cu_seqlens int32 (B + 1,),
                       max_seqlen int, grid_hw int32 (B, 2)}
@@ -131,7 +131,7 @@ def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def collate_images(images: Sequence[torch.Tensor], patch_size: int) -> dict:
-    """Resized uint8 images (3, H, W) -> DESIGN.md's packed vision batch (see the module doc).
+    """Resized uint8 images (3, H, W) -> docs/design.md's packed vision batch (see the module doc).
 
     Each image is patchified straight into its slice of the batch: one copy per pixel, no per-image patch
     tensors and no concatenation.

@@ -1,6 +1,6 @@
 """From a raw webdataset sample (bytes per extension) to a validated, preprocessed `Sample`.
 
-The sample format is shared/DESIGN.md's: `<key>.jpg|jpeg|png|webp` plus `<key>.json`
+The sample format is docs/design.md's: `<key>.jpg|jpeg|png|webp` plus `<key>.json`
     {"caption": str, "short_caption": str (optional), "regions": [{"bbox": [x0, y0, x1, y1], "caption": str}]}
 with bboxes normalized to [0, 1], (x0, y0) top-left. Other JSON fields are kept (the embedded dataset adds
 "hard_negatives", "labels", "width", "height") and evaluation reads them.

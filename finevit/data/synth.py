@@ -8,7 +8,7 @@ the canvas' shorter side), a fill pattern (solid, striped, dotted, checkered, ou
 3×3 grid: "in the top left", ..., "in the center"). A small object in a large canvas is a few dozen pixels
 wide, and its stripes or dots are a few pixels apart: downscaling the image to a fixed square destroys them.
 
-Per image (one webdataset sample, `<key>.jpg` or `.png` + `<key>.json`, DESIGN.md's format plus extras):
+Per image (one webdataset sample, `<key>.jpg` or `.png` + `<key>.json`, docs/design.md's format plus extras):
     caption          dense: the background, every object (largest first) with all its attributes and position,
                      and one spatial or size relation per object ("The red circle is to the left of the blue star.")
     short_caption    alt-text-like: the dominant (largest) object, sometimes a second one or the count

@@ -5,7 +5,7 @@
 
 `--data DIR` is a dataset made by `python -m finevit.data.synth` (its meta.json names the split's shards,
 classes.json the classification label keys with their class names and prompt templates, tokenizer/ its
-tokenizer); `--shards` and `--classes FILE` describe any other webdataset in DESIGN.md's format.
+tokenizer); `--shards` and `--classes FILE` describe any other webdataset in docs/design.md's format.
 The tokenizer is the first of --tokenizer, CKPT/tokenizer, DIR/tokenizer. Images are preprocessed with
 CKPT/preprocess.json when the trainer saved one (ImageConfig.save), else with the model's patch size and
 the --min-pixels/--max-pixels/--merge-size given here. Texts are truncated to the text tower's context.

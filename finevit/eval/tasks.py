@@ -1,7 +1,7 @@
 """The evaluation tasks, and their results as CLIP_benchmark-compatible JSON.
 
     retrieval                zero-shot image<->text retrieval over every global caption of each image
-                             (DESIGN.md's "caption" and "short_caption", plus a "captions" list when present:
+                             (docs/design.md's "caption" and "short_caption", plus a "captions" list when present:
                              several captions per image, as COCO's five)
     long_caption_retrieval   the same over the dense "caption" only (long-caption retrieval, as Urban-1k/DCI)
     hard_negatives           fine-grained accuracy: the true dense caption against its "hard_negatives"

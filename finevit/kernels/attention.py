@@ -1,6 +1,6 @@
 """Varlen (packed) non-causal attention with fused rotary embedding: Triton forward and backward.
 
-Shapes (DESIGN.md): q, k, v, o: (total_tokens, num_heads, head_dim), any token/head strides, last dim
+Shapes (docs/design.md): q, k, v, o: (total_tokens, num_heads, head_dim), any token/head strides, last dim
 contiguous; cu_seqlens int32 (num_seqs + 1,); cos, sin float32 (total_tokens, rotary_dim // 2); the
 saved log-sum-exp `lse` is float32 (num_heads, total_tokens), in the log2 domain.
 

@@ -1,6 +1,6 @@
 """Patch embedding as one GEMM that reads uint8 pixels: per-channel normalization fused into the A operand.
 
-Shapes (DESIGN.md):
+Shapes (docs/design.md):
     patches:  (N, K), K = C·P·P flattened in (C, P, P) order, last dim contiguous, any row stride; uint8
               (normalized in the kernel) or the weight's dtype (used as is).
     weight:   (D, K) = Conv2d(C, D, P, stride=P).weight.reshape(D, -1), fp16 / bf16 / fp32, any strides.

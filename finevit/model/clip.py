@@ -77,7 +77,7 @@ class FineCLIP(Pretrained, nn.Module):
                 self.logit_bias.fill_(INIT_LOGIT_BIAS if c.init_logit_bias is None else c.init_logit_bias)
 
     def encode_image(self, patches, positions, cu_seqlens, max_seqlen: int, normalize: bool = True):
-        """Packed images (DESIGN.md's vision batch) -> (num_images, embed_dim) embeddings."""
+        """Packed images (docs/design.md's vision batch) -> (num_images, embed_dim) embeddings."""
         _, pooled = self.vision(patches, positions, cu_seqlens, max_seqlen)
         features = self.image_proj(pooled)
         return F.normalize(features, dim=-1) if normalize else features

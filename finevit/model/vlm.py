@@ -14,7 +14,7 @@ so any packed order works, raster order included, and an odd height or width is 
 
 `VisionLanguageModel.forward` returns the per-token cross-entropy of every supervised position (labels not
 -100, shifted by one), computed inside the module so that under FSDP2 the LM head's gathered weights are live.
-No torch.distributed here (DESIGN.md).
+No torch.distributed here (docs/design.md).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class VisionLanguageModel(nn.Module):
         return self.merger.merge_size
 
     def image_embeddings(self, image: dict) -> torch.Tensor:
-        """Packed image batch (DESIGN.md) -> merged image tokens (M, D_llm), image by image."""
+        """Packed image batch (docs/design.md) -> merged image tokens (M, D_llm), image by image."""
         features = self.vision.forward_features(image["patches"], image["positions"], image["cu_seqlens"],
                                                 image["max_seqlen"])
         return self.merger(features, image["positions"], image["cu_seqlens"], image["grid_hw"])

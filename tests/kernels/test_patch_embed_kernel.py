@@ -2,7 +2,7 @@
 
 On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1): fp16 and fp32 only, since
 the interpreter cannot multiply bf16. With CUDA the same tests run compiled, bf16 included. The oracle is a
-float64 `Conv2d(C, D, P, stride=P)` on the images normalized as `(x / 255 − mean) / std` (DESIGN.md: the
+float64 `Conv2d(C, D, P, stride=P)` on the images normalized as `(x / 255 − mean) / std` (docs/design.md: the
 patch embedding equals that conv with `weight = conv.weight.reshape(D, -1)`); the bar is PyTorch's own path
 in the same dtype (`reference.patch_embed`: uint8 -> float32 -> normalize -> cast -> F.linear): the
 kernel's error against float64 is at most 2x (gradients 3x) PyTorch's. Outputs and the weight gradient's

@@ -1,4 +1,4 @@
-"""Builders of small random packed batches (shared/DESIGN.md's packed vision and text batches) for model tests."""
+"""Builders of small random packed batches (docs/design.md's packed vision and text batches) for model tests."""
 
 from __future__ import annotations
 
