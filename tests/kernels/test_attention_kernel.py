@@ -13,21 +13,13 @@ import pytest
 import torch
 
 import finevit.kernels as K
-from finevit.kernels import _dispatch, attention, reference
+from finevit.kernels import attention, reference
 
 from .comparisons import assert_error_within
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.usefixtures("triton_path")  # tests/kernels/conftest.py
+pytestmark = pytest.mark.usefixtures("triton_path", "poisoned_outputs")  # tests/kernels/conftest.py
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    def empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(_dispatch, "empty", empty)
 
 
 def make_inputs(lengths, heads, head_dim, rotary_dim, dtype, layout="contiguous"):
@@ -141,16 +133,8 @@ def test_attention_does_not_attend_across_sequences():
     assert torch.equal(out[:4], out2[:4])
 
 
-def test_public_function_runs_the_triton_kernel_when_asked(monkeypatch):
-    launches = []
-    launch = _dispatch.launch
-
-    def counting_launch(tuned, plain, *args, **kwargs):
-        launches.append(plain.__name__)
-        return launch(tuned, plain, *args, **kwargs)
-
-    monkeypatch.setattr(_dispatch, "launch", counting_launch)
-    monkeypatch.setenv("FINEVIT_KERNELS", "triton")
+def test_public_function_runs_the_triton_kernel_when_asked(autotuned_launches):
+    launches = autotuned_launches
     low, masters, _, cu, cos, sin = make_inputs([5, 8], 2, 32, 32, torch.float32)
     out = K.varlen_attention(*low, cu, 8, cos=cos, sin=sin)
     assert launches == ["_attn_fwd_kernel"]

@@ -16,25 +16,17 @@ import torch
 import torch.nn.functional as F
 
 import finevit.kernels as K
-from finevit.kernels import _dispatch, reference
+from finevit.kernels import reference
 
 from .comparisons import assert_error_within
 
 pe = importlib.import_module("finevit.kernels.patch_embed")  # `K.patch_embed` is the public function
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.usefixtures("triton_path")  # tests/kernels/conftest.py
+pytestmark = pytest.mark.usefixtures("triton_path", "poisoned_outputs")  # tests/kernels/conftest.py
 # The interpreter multiplies bf16 bit patterns as integers: bf16 runs compiled, on a GPU only.
 DTYPES = [torch.float16, torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    def empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(_dispatch, "empty", empty)
 
 
 def images_to_patches(images, patch):
@@ -190,16 +182,8 @@ def test_only_the_requested_gradients_are_computed(monkeypatch):
     assert calls == []
 
 
-def test_public_function_runs_the_triton_kernel_when_asked(monkeypatch):
-    launches = []
-    launch = _dispatch.launch
-
-    def counting_launch(tuned, plain, *args, **kwargs):
-        launches.append(plain.__name__)
-        return launch(tuned, plain, *args, **kwargs)
-
-    monkeypatch.setattr(_dispatch, "launch", counting_launch)
-    monkeypatch.setenv("FINEVIT_KERNELS", "triton")
+def test_public_function_runs_the_triton_kernel_when_asked(autotuned_launches):
+    launches = autotuned_launches
     patches = torch.randint(0, 256, (11, 3 * 16 * 16), dtype=torch.uint8, device=DEVICE)
     weight = torch.randn(16, 3 * 16 * 16, device=DEVICE, requires_grad=True)
     out = K.patch_embed(patches, weight, None, mean=CLIP_MEAN, std=CLIP_STD)
