@@ -8,6 +8,7 @@ injection for tests, checkpoint manager, the step loop, a clean exit).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -265,7 +266,7 @@ class TrainerBase:
             self._check_previous_config()
             C.save(cfg, self.run_dir / "config.json")
             if cfg.job.print_config:
-                print(json.dumps(cfg.to_dict(), indent=2), flush=True)
+                print(json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
         self.faults = self._faults()
         self.step = 0
         self.train_seconds = 0.0
@@ -286,7 +287,8 @@ class TrainerBase:
         previous = self.run_dir / "config.json"
         if not previous.is_file():
             return
-        old, new = json.loads(previous.read_text()), json.loads(json.dumps(self.cfg.to_dict()))  # tuples -> lists
+        old = json.loads(previous.read_text())
+        new = json.loads(json.dumps(dataclasses.asdict(self.cfg)))  # tuples -> lists
         changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
         if changed:
             logger.warning("run_dir %s was started with another configuration (changed: %s); resuming anyway",

@@ -5,11 +5,15 @@
     python train/stage1.py --help                                                # every field, with its doc
 
 Precedence: command line > TOML file > the defaults below (which are the embedded default, identical to
-configs/stage1/tiny.toml). Every section is a dataclass whose fields carry a one-line comment; `--help`
+configs/stage1/cpu.toml). Every section is a dataclass whose fields carry a one-line comment; `--help`
 prints those comments. Unknown sections, unknown keys and values of the wrong type are errors that name the
-key. The model's tower shapes are overridden per field of `FineViTConfig` / `TextConfig`
-(`[model.vision] width = 192` or `--model.vision.width=192`), checked against those dataclasses.
+key. The model is a named preset (`FineCLIPConfig.from_name`; the default "cpu" is sized for 2 CPU cores);
+`[model.vision]` / `[model.text]` (or `--model.vision.width=96`) change single fields of that preset's
+`FineViTConfig` / `TextConfig`, checked against those dataclasses: one layer over the preset, nothing else.
 The resolved configuration is written to `<run_dir>/config.json` (readable again with `--config`).
+
+This module also holds the machinery both stages share (parsing, coercion, TOML, overrides, validation);
+stage 2's configuration is `train/stage2_config.py`.
 """
 
 from __future__ import annotations
@@ -48,26 +52,13 @@ class Job:
 
 @dataclass
 class Model:
-    preset: str = "tiny"  # FineCLIPConfig.from_name preset: tiny, b16, l16, so400m14, g14
+    preset: str = "cpu"  # FineCLIPConfig.from_name preset: cpu (the CPU default), tiny (tests), b16, l16, so400m14, g14
     loss: str = "siglip"  # "siglip" (sigmoid, learned bias) or "clip" (softmax)
     embed_dim: int = 0  # width of the shared image-text space; 0: the preset's
     init_logit_scale: float | None = None  # log of the initial logit scale; None: log 10 (siglip), log(1/0.07) (clip)
     init_logit_bias: float | None = None  # initial logit bias (siglip); None: -10
-    vision: dict = field(default_factory=dict)  # FineViTConfig fields over the preset (for tiny: over TINY_OVERRIDES)
-    text: dict = field(default_factory=dict)  # TextConfig fields over the preset (for tiny: over TINY_OVERRIDES)
-
-
-# Preset "tiny" in this trainer is finevit's tiny preset with these fields changed: the embedded default's
-# towers, reshaped for 2 CPU cores (fewer, wider layers run closer to
-# the matmul peak; a short text context holds the dense captions' first objects, the largest ones).
-TINY_OVERRIDES = {
-    "vision": {"width": 192, "depth": 3, "num_heads": 6, "mlp_dim": 768,
-               # The synthetic scenes' pixel mean and std (light backgrounds). With SigLIP's 0.5 / 0.5 every
-               # background patch embeds to nearly the same vector, all images start out identical (cosine
-               # 0.98) and training stalls on the collapsed plateau of the loss for hundreds of steps.
-               "image_mean": (0.85, 0.86, 0.85), "image_std": (0.12, 0.12, 0.15)},
-    "text": {"width": 192, "depth": 2, "num_heads": 6, "mlp_dim": 768, "vocab_size": 512, "context_length": 64},
-}
+    vision: dict = field(default_factory=dict)  # FineViTConfig fields that replace the preset's (none by default)
+    text: dict = field(default_factory=dict)  # TextConfig fields that replace the preset's (none by default)
 
 
 @dataclass
@@ -182,9 +173,6 @@ class Config:
 
     # Dict-valued fields that override another dataclass's fields: (section, key) -> that dataclass.
     OVERRIDES: typing.ClassVar[dict] = {("model", "vision"): FineViTConfig, ("model", "text"): TextConfig}
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def check(self) -> None:
         validate(self)
@@ -447,21 +435,13 @@ def validate_common(cfg) -> None:
             raise ConfigError(f"debug.fault: each fault is 'step:N' or 'save:N', got {fault!r}")
 
 
-def tower_overrides(cfg: Config, tower: str) -> dict:
-    """The fields changed in the preset's tower: TINY_OVERRIDES for preset tiny, then model.vision / model.text."""
-    base = dict(TINY_OVERRIDES[tower]) if cfg.model.preset == "tiny" else {}
-    return base | getattr(cfg.model, tower)
-
-
 def build_model_config(cfg: Config):
-    """The FineCLIPConfig of `cfg.model`: the preset, then the tower overrides."""
-    from dataclasses import replace
-
+    """The FineCLIPConfig of `cfg.model`: the named preset, its towers' fields replaced by model.vision / model.text."""
     from finevit.model import FineCLIPConfig
 
     base = FineCLIPConfig.from_name(cfg.model.preset)
-    vision = replace(base.vision, **tower_overrides(cfg, "vision"))
-    text = replace(base.text, **tower_overrides(cfg, "text"))
+    vision = dataclasses.replace(base.vision, **cfg.model.vision)
+    text = dataclasses.replace(base.text, **cfg.model.text)
     embed_dim = cfg.model.embed_dim or vision.width
     return FineCLIPConfig(vision=vision, text=text, embed_dim=embed_dim, loss=cfg.model.loss,
                           init_logit_scale=cfg.model.init_logit_scale, init_logit_bias=cfg.model.init_logit_bias)
@@ -477,7 +457,7 @@ def save(cfg, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     tmp.replace(path)
     return path
 
@@ -502,7 +482,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def help_text(config_class: type | None = None) -> str:
     config_class = config_class or Config
     defaults = config_class()
-    doc = sys.modules[config_class.__module__].__doc__ if config_class is Config else config_class.__doc__
+    doc = sys.modules[config_class.__module__].__doc__  # each stage's configuration module documents it
     out = [(doc or "").strip(), "", "Options (--section.key=value):"]
     for section, cls in _sections(config_class).items():
         out.append(f"\n  [{section}]")
@@ -514,153 +494,3 @@ def help_text(config_class: type | None = None) -> str:
                 out.append(f"        {docs[name]}")
     return "\n".join(out)
 
-
-# ----------------------------------------------------------------------------------------------------
-# Stage 2
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Stage2Job(Job):
-    run_dir: str = "runs/stage2"  # checkpoints, metrics, eval results and exports; an existing run resumes
-
-
-@dataclass
-class Encoder:
-    init: str = "stage1"  # "stage1": the stage-1 default's export (trained first if absent); "path"; "scratch"
-    path: str = ""  # init = "path": a FineViT (or FineCLIP) save_pretrained directory
-    stage1_run: str = "runs/stage1"  # init = "stage1": the stage-1 run directory whose export/ is used
-    stage1_args: list[str] = field(default_factory=list)  # init = "stage1": extra stage-1 arguments if it must train
-    preset: str = "tiny"  # init = "scratch": FineViTConfig preset (tiny: with stage 1's TINY_OVERRIDES)
-    vision: dict = field(default_factory=dict)  # init = "scratch": FineViTConfig fields over the preset
-
-
-@dataclass
-class LLM:
-    path: str = ""  # a local transformers causal-LM checkpoint directory (with its tokenizer); "": the tiny one
-    architecture: str = "qwen2"  # path = "": model_type of the tiny LLM built from a config (qwen2, llama, ...)
-    config: dict = field(default_factory=dict)  # path = "": config fields over finevit.model.vlm.TINY_LLM
-    tokenizer: str = ""  # path = "": tokenizer directory; "": the dataset's offline-trained tokenizer
-    pretrain_steps: int = 100  # path = "": steps of text pretraining of the tiny LLM (train/llm_pretrain.py); 0: random
-    pretrain_dir: str = "runs/llm_tiny"  # path = "": where the pretrained tiny LLM is kept (rebuilt if settings change)
-
-
-@dataclass
-class Merger:
-    hidden: int = 0  # hidden width of the merger MLP; 0: 4 × the encoder width (Qwen2-VL's)
-
-
-@dataclass
-class Tasks:
-    region_caption: float = 0.4  # weight of "Describe the region <box>." -> region caption
-    grounding: float = 0.4  # weight of "Locate: <caption>." -> box
-    global_caption: float = 0.2  # weight of "Describe the image in detail." -> dense caption
-    turns: int = 4  # turns per image sequence (each region used once)
-    max_length: int = 384  # LLM tokens per sequence (image tokens included); later turns are dropped
-
-    def mix(self) -> dict[str, float]:
-        return {"region_caption": self.region_caption, "grounding": self.grounding,
-                "global_caption": self.global_caption}
-
-
-@dataclass
-class Freeze:
-    mode: str = "llm"  # "projector": train the merger only; "llm": train encoder + merger (LLM frozen); "none"
-
-
-@dataclass
-class Stage2Data(Data):
-    token_budget: int = 1024  # image patches per micro-batch per rank (the number of images varies)
-    max_images: int = 16  # at most this many images (= LLM sequences) per micro-batch per rank
-    max_pixels: int = 128 * 128  # largest resized image; native resolution below it, aspect ratio kept
-    merge_size: int = 2  # resized sides are multiples of patch_size · 2: the merger's 2×2 groups are whole
-
-
-@dataclass
-class Stage2Optimizer(Optimizer):
-    encoder_lr_scale: float = 1.0  # the encoder's learning rate as a multiple of lr (the merger and LLM get lr)
-
-
-@dataclass
-class Stage2LRScheduler(LRScheduler):
-    warmup_steps: int = 30  # linear warmup from lr/warmup_steps to lr
-
-
-@dataclass
-class Stage2Training(Training):
-    steps: int = 220  # optimizer steps
-
-
-@dataclass
-class Stage2Eval:
-    interval: int = 0  # evaluate every this many steps; 0: only at the end
-    at_end: bool = True  # evaluate the final model (and, at the start, the initial encoder's probe)
-    regions: int = 100  # val regions decoded for region captioning and for grounding
-    max_new_tokens: int = 24  # greedy decoding length limit
-    probe_train_images: int = 600  # train images whose regions fit the local-perception probe
-    probe_val_images: int = 300  # val images whose regions score it
-    retrieval: bool = True  # the stage-1 retrieval suite on the aligned encoder with its stage-1 text tower
-    limit: int = 0  # retrieval suite: the first N val images; 0: all
-    token_budget: int = 16384  # patches (or text tokens) per evaluation batch
-
-
-@dataclass
-class Stage2Config:
-    """Stage-2 trainer configuration (`train/stage2.py`): the same machinery as stage 1's (`train/config.py`).
-
-    torchrun --nproc_per_node=2 train/stage2.py                                  # the embedded default
-    torchrun ... train/stage2.py --config configs/stage2/qwen2_5_0_5b.toml --llm.path=/models/Qwen2.5-0.5B
-    python train/stage2.py --help                                                # every field, with its doc
-
-    Precedence: command line > TOML file > the defaults below (identical to configs/stage2/tiny.toml)."""
-
-    job: Stage2Job = field(default_factory=Stage2Job)
-    encoder: Encoder = field(default_factory=Encoder)
-    llm: LLM = field(default_factory=LLM)
-    merger: Merger = field(default_factory=Merger)
-    tasks: Tasks = field(default_factory=Tasks)
-    freeze: Freeze = field(default_factory=Freeze)
-    data: Stage2Data = field(default_factory=Stage2Data)
-    optimizer: Stage2Optimizer = field(default_factory=Stage2Optimizer)
-    lr_scheduler: Stage2LRScheduler = field(default_factory=Stage2LRScheduler)
-    training: Stage2Training = field(default_factory=Stage2Training)
-    parallelism: Parallelism = field(default_factory=Parallelism)
-    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
-    compile: Compile = field(default_factory=Compile)
-    checkpoint: Checkpoint = field(default_factory=Checkpoint)
-    metrics: Metrics = field(default_factory=Metrics)
-    eval: Stage2Eval = field(default_factory=Stage2Eval)
-    debug: Debug = field(default_factory=Debug)
-
-    OVERRIDES: typing.ClassVar[dict] = {("encoder", "vision"): FineViTConfig, ("llm", "config"): None}
-    CHOICES: typing.ClassVar[dict] = {
-        **CHOICES,
-        ("encoder", "init"): ("stage1", "path", "scratch"),
-        ("freeze", "mode"): ("projector", "llm", "none"),
-    }
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def check(self) -> None:
-        validate_common(self)
-        if self.encoder.init == "path" and not self.encoder.path:
-            raise ConfigError("encoder.path: required when encoder.init = 'path'")
-        if self.tasks.turns < 1:
-            raise ConfigError(f"tasks.turns must be >= 1, got {self.tasks.turns}")
-        if self.tasks.max_length < 16:
-            raise ConfigError(f"tasks.max_length must be >= 16, got {self.tasks.max_length}")
-        weights = self.tasks.mix()
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ConfigError(f"tasks: weights must be >= 0 with a positive sum, got {weights}")
-        if self.data.merge_size != 2:
-            raise ConfigError(f"data.merge_size must be 2 (the merger's 2×2 groups), got {self.data.merge_size}")
-        for key in ("regions", "max_new_tokens", "probe_train_images", "probe_val_images"):
-            if getattr(self.eval, key) < 1:
-                raise ConfigError(f"eval.{key} must be >= 1, got {getattr(self.eval, key)}")
-        if not self.optimizer.encoder_lr_scale > 0:
-            raise ConfigError(f"optimizer.encoder_lr_scale must be > 0, got {self.optimizer.encoder_lr_scale}")
-        if self.llm.pretrain_steps < 0:
-            raise ConfigError(f"llm.pretrain_steps must be >= 0, got {self.llm.pretrain_steps}")
-        if self.merger.hidden < 0:
-            raise ConfigError(f"merger.hidden must be >= 0, got {self.merger.hidden}")

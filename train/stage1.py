@@ -150,8 +150,9 @@ class Trainer(TrainerBase):
         self.last_loss = float("nan")
         self.evaluations: list[dict] = []
         if self.is_main:
+            model_name = cfg.model.preset + ("+overrides" if cfg.model.vision or cfg.model.text else "")
             print(f"[stage1] {self.world_size} process(es) on {self.device.type} ({dist.get_backend()}), "
-                  f"{torch.get_num_threads()} thread(s) each | FineCLIP {cfg.model.preset}+overrides "
+                  f"{torch.get_num_threads()} thread(s) each | FineCLIP {model_name} "
                   f"{self.num_params / 1e6:.2f}M params | run dir {self.run_dir} | "
                   + (f"resumed from step {self.resumed_from}" if self.resumed_from else "from scratch")
                   + f" | peak: {self.peak_note}", flush=True)

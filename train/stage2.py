@@ -1,7 +1,7 @@
 """Stage 2: align FineViT with a causal LLM from `transformers` on local (region) captions, FSDP2.
 
     torchrun --nproc_per_node=2 train/stage2.py                                     # the embedded default
-    torchrun --nproc_per_node=8 train/stage2.py --config configs/stage2/qwen2_5_0_5b.toml \\
+    torchrun --nproc_per_node=8 train/stage2.py --config configs/stage2/so400m14_qwen2_5_0_5b.toml \\
         --llm.path=/models/Qwen2.5-0.5B --encoder.init=path --encoder.path=runs/stage1/export/vision
     python train/stage2.py --help
 
@@ -57,13 +57,13 @@ from finevit.data.text import save_tokenizer  # noqa: E402
 from finevit.model import FineCLIP, FineViT  # noqa: E402
 from finevit.model.pretrained import CONFIG_NAME  # noqa: E402
 from finevit.model.vlm import IGNORE_INDEX, VisionLanguageModel, build_llm, load_llm, merged_token_counts  # noqa: E402
-from train import config as C  # noqa: E402
 from train.checkpoint import ModelState, OptimizerState  # noqa: E402
 from train.common import (DataStream, TrainerBase, build_optimizer, clip_grad_norm_, data_paths,  # noqa: E402
                           ensure_dataset, lr_factor, run)
 from train.metrics import (GPUMonitor, Meter, MetricsWriter, format_seconds, peak_flops,  # noqa: E402
                            sequence_lengths, vlm_training_flops)
 from train.parallelize import parallelize_vlm  # noqa: E402
+from train.stage2_config import Stage2Config, encoder_config  # noqa: E402
 
 STAGE1 = REPO / "train" / "stage1.py"
 
@@ -78,11 +78,11 @@ def model_type(directory: Path) -> str | None:
     return json.loads(path.read_text()).get("model_type") if path.is_file() else None
 
 
-def stage1_export(cfg: C.Stage2Config) -> Path:
+def stage1_export(cfg: Stage2Config) -> Path:
     return Path(cfg.encoder.stage1_run) / "export"
 
 
-def train_stage1_if_missing(cfg: C.Stage2Config, rank: int, local_world: int) -> None:
+def train_stage1_if_missing(cfg: Stage2Config, rank: int, local_world: int) -> None:
     """encoder.init = "stage1": rank 0 trains the stage-1 default (torchrun, this node's process count) into
     encoder.stage1_run when its export is missing; the other ranks wait at the barrier."""
     export = stage1_export(cfg)
@@ -101,19 +101,13 @@ def train_stage1_if_missing(cfg: C.Stage2Config, rank: int, local_world: int) ->
         raise FileNotFoundError(f"encoder.init=stage1: no FineViT export in {export / 'vision'}")
 
 
-def load_encoder(cfg: C.Stage2Config, seed: int) -> tuple[FineViT, Path | None]:
+def load_encoder(cfg: Stage2Config, seed: int) -> tuple[FineViT, Path | None]:
     """(the encoder to align, the FineCLIP directory whose text tower the retrieval suite uses, if any)."""
     e = cfg.encoder
     if e.init == "scratch":
-        from dataclasses import replace
-
-        from finevit.model import FineViTConfig
-
-        base = FineViTConfig.from_name(e.preset)
-        overrides = (dict(C.TINY_OVERRIDES["vision"]) if e.preset == "tiny" else {}) | e.vision
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            vision = FineViT(replace(base, **overrides))
+            vision = FineViT(encoder_config(cfg))
             vision.init_weights()
         return vision, None
     source = stage1_export(cfg) / "vision" if e.init == "stage1" else Path(e.path)
@@ -177,7 +171,7 @@ def set_trainable(model: VisionLanguageModel, mode: str) -> None:
 class Trainer(TrainerBase):
     name = "stage2"
 
-    def __init__(self, cfg: C.Stage2Config):
+    def __init__(self, cfg: Stage2Config):
         self.setup(cfg)
 
         # The encoder, the tokenizer, the data.
@@ -534,7 +528,7 @@ def evaluation_table(final: dict, initial: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(Trainer, C.Stage2Config, argv)
+    return run(Trainer, Stage2Config, argv)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,12 @@ class TextConfig:
         return replace(TEXT_PRESETS[name], **overrides)
 
 
-# Text towers paired with the vision presets of the same name (SigLIP pairs towers of equal shape).
+# Text towers paired with the vision presets of the same name (SigLIP pairs towers of equal shape). "cpu"
+# (the embedded default, see VIT_PRESETS) is shallower than its vision tower, with the synthetic dataset's
+# 512-token vocabulary and a 64-token context: the dense captions' first sentence and largest objects.
 TEXT_PRESETS: dict[str, TextConfig] = {
     "tiny": TextConfig(vocab_size=4096, width=128, depth=4, num_heads=4, mlp_dim=512),
+    "cpu": TextConfig(vocab_size=512, width=192, depth=2, num_heads=6, mlp_dim=768, context_length=64),
     "b16": TextConfig(width=768, depth=12, num_heads=12, mlp_dim=3072),
     "l16": TextConfig(width=1024, depth=24, num_heads=16, mlp_dim=4096),
     "so400m14": TextConfig(width=1152, depth=27, num_heads=16, mlp_dim=4304),

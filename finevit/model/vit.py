@@ -77,9 +77,16 @@ class FineViTConfig:
 
 
 # Widths, depths and heads of the standard ViT family; so400m14 is SigLIP's shape (head dim 72) and
-# g14 a ~0.9B encoder with Qwen2-VL's head dim 80.
+# g14 a ~0.9B encoder with Qwen2-VL's head dim 80. "tiny" is the test size; "cpu" is the embedded default
+# (train/config.py, configs/stage1/cpu.toml) sized for 2 CPU cores: few, wide layers run closer to the
+# matmul peak, and the input is normalized with the synthetic scenes' pixel mean and std (light
+# backgrounds): with SigLIP's 0.5 / 0.5 every background patch embeds to nearly the same vector, all images
+# start out identical (cosine 0.98) and training stalls on the collapsed plateau of the loss for hundreds
+# of steps.
 VIT_PRESETS: dict[str, FineViTConfig] = {
     "tiny": FineViTConfig(patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=512),
+    "cpu": FineViTConfig(patch_size=16, width=192, depth=3, num_heads=6, mlp_dim=768,
+                         image_mean=(0.85, 0.86, 0.85), image_std=(0.12, 0.12, 0.15)),
     "b16": FineViTConfig(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072),
     "l16": FineViTConfig(patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096),
     "so400m14": FineViTConfig(patch_size=14, width=1152, depth=27, num_heads=16, mlp_dim=4304),

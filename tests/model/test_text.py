@@ -149,6 +149,8 @@ def test_text_presets_pair_with_the_vision_presets():
     assert set(TEXT_PRESETS) == set(VIT_PRESETS)
     tiny = TextConfig.from_name("tiny")
     assert (tiny.width, tiny.depth, tiny.num_heads, tiny.head_dim) == (128, 4, 4, 32)
+    cpu = TextConfig.from_name("cpu")  # the embedded default (train/config.py)
+    assert (cpu.vocab_size, cpu.width, cpu.depth, cpu.num_heads, cpu.context_length) == (512, 192, 2, 6, 64)
     for name in ("b16", "l16", "so400m14"):  # SigLIP pairs towers of equal shape
         text, vision = TEXT_PRESETS[name], VIT_PRESETS[name]
         assert (text.width, text.num_heads, text.head_dim) == (vision.width, vision.num_heads, vision.head_dim)

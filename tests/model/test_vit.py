@@ -230,6 +230,7 @@ def test_float_patches_of_another_dtype_than_the_weights_are_rejected():
     "name, patch_size, width, depth, num_heads, head_dim, mlp_dim",
     [
         ("tiny", 16, 128, 4, 4, 32, 512),
+        ("cpu", 16, 192, 3, 6, 32, 768),  # the embedded default (train/config.py)
         ("b16", 16, 768, 12, 12, 64, 3072),
         ("l16", 16, 1024, 24, 16, 64, 4096),
         ("so400m14", 14, 1152, 27, 16, 72, 4304),  # SigLIP So400m/14
@@ -253,7 +254,7 @@ def test_g14_preset_has_head_dim_80_and_about_0_9b_parameters():
 
 
 def test_preset_list_is_the_documented_one():
-    assert set(VIT_PRESETS) == {"tiny", "b16", "l16", "so400m14", "g14"}
+    assert set(VIT_PRESETS) == {"tiny", "cpu", "b16", "l16", "so400m14", "g14"}
 
 
 def test_from_name_applies_overrides_without_changing_the_preset():

@@ -1,4 +1,4 @@
-"""The trainer's configuration: defaults = configs/stage1/tiny.toml, TOML and command-line precedence,
+"""The trainer's configuration: defaults = configs/stage1/cpu.toml, TOML and command-line precedence,
 errors that name the key, the saved config read back, and the GPU configs' shapes."""
 
 import json
@@ -6,14 +6,27 @@ import sys
 
 import pytest
 
+from finevit.model import FineCLIPConfig, FineViTConfig, TextConfig
 from tests.train.helpers import REPO, STAGE1, run_group
 from train import config as C
 
 CONFIGS = REPO / "configs" / "stage1"
 
 
-def test_the_embedded_default_is_configs_stage1_tiny_toml():
-    assert C.parse_args(["--config", str(CONFIGS / "tiny.toml")]) == C.parse_args([])
+def test_the_embedded_default_is_configs_stage1_cpu_toml():
+    assert C.parse_args(["--config", str(CONFIGS / "cpu.toml")]) == C.parse_args([])
+
+
+def test_the_embedded_default_trains_the_cpu_preset_unchanged():
+    cfg = C.parse_args([])
+    assert cfg.model.preset == "cpu" and cfg.model.vision == {} and cfg.model.text == {}
+    assert C.build_model_config(cfg) == FineCLIPConfig.from_name("cpu")
+    # The numbers the embedded default's recipe was measured with (README's stage-1 table): pinned field by field.
+    assert FineCLIPConfig.from_name("cpu") == FineCLIPConfig(
+        vision=FineViTConfig(patch_size=16, width=192, depth=3, num_heads=6, mlp_dim=768,
+                             image_mean=(0.85, 0.86, 0.85), image_std=(0.12, 0.12, 0.15)),
+        text=TextConfig(vocab_size=512, width=192, depth=2, num_heads=6, mlp_dim=768, context_length=64),
+        embed_dim=192)
 
 
 def test_gpu_configs_build_the_named_presets_unchanged():
@@ -25,11 +38,16 @@ def test_gpu_configs_build_the_named_presets_unchanged():
         assert cfg.training.param_dtype == "bfloat16" and cfg.parallelism.backend == "nccl"
 
 
-def test_tiny_preset_is_reshaped_and_other_presets_are_not():
-    tiny = C.build_model_config(C.parse_args([]))
-    assert tiny.vision.width == C.TINY_OVERRIDES["vision"]["width"]
-    b16 = C.build_model_config(C.parse_args(["--model.preset=b16"]))
-    assert b16.vision.width == 768 and b16.text.context_length == 512
+def test_every_preset_is_built_as_named_with_no_hidden_layer():
+    for name in ("tiny", "cpu", "b16"):
+        model = C.build_model_config(C.parse_args([f"--model.preset={name}"]))
+        assert model.vision == FineViTConfig.from_name(name) and model.text == TextConfig.from_name(name)
+        assert model.embed_dim == model.vision.width
+
+
+def test_model_vision_and_text_replace_single_fields_of_the_preset():
+    model = C.build_model_config(C.parse_args(["--model.preset=tiny", "--model.text.depth=1"]))
+    assert model.text == TextConfig.from_name("tiny", depth=1) and model.vision == FineViTConfig.from_name("tiny")
 
 
 def test_command_line_overrides_the_file_which_overrides_the_defaults(tmp_path):

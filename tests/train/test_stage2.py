@@ -14,6 +14,7 @@ from finevit.model import FineCLIP, FineCLIPConfig, FineViT
 from tests.train.helpers import REPO, STAGE2, run_group, torchrun, train_records
 from train import config as C
 from train.stage2 import set_trainable
+from train.stage2_config import Stage2Config, encoder_config
 
 SMALL = [
     "--data.token_budget=256", "--data.max_pixels=16384", "--data.min_pixels=4096", "--data.max_images=8",
@@ -114,19 +115,23 @@ def test_freeze_schedules_select_the_trained_parameters():
 
 def test_config_errors_name_the_key():
     with pytest.raises(C.ConfigError, match="freeze.mode"):
-        C.parse_args(["--freeze.mode=all"], C.Stage2Config)
+        C.parse_args(["--freeze.mode=all"], Stage2Config)
     with pytest.raises(C.ConfigError, match="encoder.path"):
-        C.parse_args(["--encoder.init=path"], C.Stage2Config)
+        C.parse_args(["--encoder.init=path"], Stage2Config)
     with pytest.raises(C.ConfigError, match="tasks"):
-        C.parse_args(["--tasks.region_caption=0", "--tasks.grounding=0", "--tasks.global_caption=0"], C.Stage2Config)
-    cfg = C.parse_args(["--llm.config.hidden_size=96", "--llm.config.rope_scaling=null"], C.Stage2Config)
+        C.parse_args(["--tasks.region_caption=0", "--tasks.grounding=0", "--tasks.global_caption=0"], Stage2Config)
+    with pytest.raises(C.ConfigError, match="encoder: .*num_heads=5"):
+        C.parse_args(["--encoder.vision.num_heads=5"], Stage2Config)
+    cfg = C.parse_args(["--llm.config.hidden_size=96", "--llm.config.rope_scaling=null"], Stage2Config)
     assert cfg.llm.config == {"hidden_size": 96, "rope_scaling": None}
 
 
 def test_gpu_config_and_embedded_default():
     configs = REPO / "configs" / "stage2"
-    assert C.parse_args(["--config", str(configs / "tiny.toml")], C.Stage2Config) == C.parse_args([], C.Stage2Config)
-    cfg = C.parse_args(["--config", str(configs / "so400m14_qwen2_5_0_5b.toml")], C.Stage2Config)
+    assert C.parse_args(["--config", str(configs / "cpu.toml")], Stage2Config) == C.parse_args([], Stage2Config)
+    default = C.parse_args([], Stage2Config)  # a scratch encoder is stage 1's default one
+    assert encoder_config(default) == C.build_model_config(C.parse_args([])).vision
+    cfg = C.parse_args(["--config", str(configs / "so400m14_qwen2_5_0_5b.toml")], Stage2Config)
     assert cfg.llm.path and cfg.freeze.mode == "llm" and cfg.training.param_dtype == "bfloat16"
     assert cfg.data.max_pixels // (14 * 14) <= cfg.data.token_budget  # the largest image fits a micro-batch
     assert cfg.data.max_pixels // (14 * 14) // 4 < cfg.tasks.max_length  # and its image tokens a sequence
@@ -142,7 +147,7 @@ def test_the_encoder_learning_rate_scale_gives_the_encoder_its_own_groups():
                                   "num_attention_heads": 2, "num_key_value_heads": 1})
     model = VisionLanguageModel(vision, llm, image_token_id=3)
     set_trainable(model, "none")
-    cfg = C.parse_args(["--optimizer.encoder_lr_scale=0.1", "--optimizer.lr=0.002"], C.Stage2Config)
+    cfg = C.parse_args(["--optimizer.encoder_lr_scale=0.1", "--optimizer.lr=0.002"], Stage2Config)
     optimizer = build_optimizer(model, cfg, lambda name: 0.1 if name.startswith("vision.") else 1.0)
     encoder = {id(p) for p in model.vision.parameters() if p.requires_grad}
     assert optimizer.param_groups[0]["lr"] == 0.002  # the schedule's rate is group 0's
@@ -152,4 +157,4 @@ def test_the_encoder_learning_rate_scale_gives_the_encoder_its_own_groups():
         assert group["lr"] == pytest.approx(0.0002 if mine == {True} else 0.002)
         assert group["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in group["params"]) else 0.0)
     with pytest.raises(C.ConfigError, match="encoder_lr_scale"):
-        C.parse_args(["--optimizer.encoder_lr_scale=0"], C.Stage2Config)
+        C.parse_args(["--optimizer.encoder_lr_scale=0"], Stage2Config)
