@@ -70,3 +70,33 @@ def image_args(batch: dict) -> tuple:
 
 def text_args(batch: dict) -> tuple:
     return batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"]
+
+
+# Budget of assert_close_to_rounding, in units of the dtype's eps times the output's largest magnitude. The
+# float32 forward of the test models is within 5.5 such units of its float64 forward (measured over
+# test_pretrained's cases), so two evaluations that are each that accurate differ by at most ~11 units;
+# reordered BLAS sums (another alignment, another kernel) were seen to move outputs by at most 1 unit.
+# A real error is orders above: rounding every weight to bfloat16 (a relative change <= 2^-9) moves the
+# outputs by more than 10^4 units.
+ROUNDING_ULPS = 16
+
+
+def assert_close_to_rounding(actual: torch.Tensor, expected: torch.Tensor, ulps: float = ROUNDING_ULPS,
+                             name: str = "output") -> None:
+    """`actual` equals `expected` up to float rounding: |actual - expected| <= ulps · eps(dtype) · max|expected|.
+
+    For the same computation done by different tensor objects (a reloaded or copied model, other parameter
+    storage): their state compares bitwise (torch.equal), but their outputs need not. BLAS picks its
+    vectorized path (and so its summation order) by where the operands lie in memory, e.g. the offsets of
+    tensors loaded from a safetensors file, so outputs can differ in the last bits (3.7e-8 on a 0.3-sized
+    float32 output was seen). The bound is relative to the output's magnitude, not elementwise: a sum's
+    rounding error scales with its terms, so near-zero elements get the same absolute slack as large ones.
+    Shapes and dtypes must match exactly; NaN or inf fail.
+    """
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
+        f"{name}: {actual.dtype}{tuple(actual.shape)} vs {expected.dtype}{tuple(expected.shape)}")
+    assert torch.isfinite(expected).all(), f"{name}: the expected values are not all finite"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    atol = ulps * torch.finfo(expected.dtype).eps * scale
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol,
+                               msg=lambda m: f"{name}: beyond {ulps} ulps of max|expected| = {scale:.3g}: {m}")
