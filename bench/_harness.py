@@ -1,8 +1,9 @@
-"""Shared harness of the `bench/` scripts: environment record, timing, ceilings, results files.
+"""Shared harness of the `bench/` scripts: `start`, environment record, timing, ceilings, results files.
 
-A bench script builds its cases, times each provider with `measure` and writes one JSON file with
-`write_results`; the markdown table and the PNG plot are derived from that file by `render(json_path)`,
-so they can be regenerated without rerunning the bench:
+A bench's main() begins with `start(...)` (options, device, environment, dispatch targets, ceilings: see
+there), builds its cases, times each provider with `measure` and writes one JSON file (`BenchRun.save` after
+every case, `BenchRun.finish` at the end); the markdown table and the PNG plot are derived from that file by
+`render(json_path)`, so they can be regenerated without rerunning the bench:
 
     python bench/_harness.py bench/results/attention_h100-80gb-hbm3_2026-05-01_120000.json
 
@@ -27,6 +28,7 @@ Peak memory is the most memory a single step allocates above what was live befor
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -37,7 +39,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,8 +50,165 @@ WARMUP_VARIABLE = "FINEVIT_BENCH_WARMUP"
 QUANTILES = (0.5, 0.2, 0.8)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NO_CUDA_MESSAGE = "no CUDA device: nothing to benchmark"
+MODES_HELP = "comma-separated subset of fwd,bwd,fwd+bwd"
 
 Outputs = torch.Tensor | Sequence[torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Starting a bench: options, device, environment, dispatch targets, ceilings
+# ----------------------------------------------------------------------------------------------------
+
+
+def start(doc: str, providers: Mapping, argv: Sequence[str] | None, *, ops: Sequence[str], quick_help: str,
+          seed_help: str, modes_help: str | None = MODES_HELP,
+          options: Callable[[argparse.ArgumentParser], None] | None = None,
+          libraries: Callable[[], dict] | None = None, ours: str = "finevit") -> BenchRun:
+    """What every bench does first, in order:
+
+    1. parse the common options (`bench_parser`) and the bench's own (`options(parser)` adds them);
+    2. pick the device: CUDA, or the CPU for --cpu-smoke (FINEVIT_KERNELS=reference, one thread: tiny ops
+       only get noise from threads); without either, print NO_CUDA_MESSAGE and exit 0 before any work;
+    3. record the environment, the dispatch path of each finevit op in `ops` and the `libraries()` versions,
+       print them, and warn when an op runs the PyTorch reference on CUDA (the numbers would not be the kernel's);
+    4. measure and print the device's matmul and copy ceilings.
+    `providers`: every provider of the bench by name, each with a `description`.
+    """
+    parser = bench_parser(doc, providers, quick_help=quick_help, seed_help=seed_help, modes_help=modes_help)
+    if options is not None:
+        options(parser)
+    args = parser.parse_args(argv)
+    device = require_cuda(cpu_smoke=args.cpu_smoke)
+    if args.cpu_smoke:
+        os.environ["FINEVIT_KERNELS"] = "reference"  # Triton kernels need a GPU (or the interpreter)
+        torch.set_num_threads(1)
+    env = environment(device)
+    versions = {**dispatch_targets(ops, device), **(libraries() if libraries is not None else {})}
+    print(f"{env['gpu']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
+          f"commit {env['commit'][:12]}")
+    print("  " + "\n  ".join(f"{key}: {value}" for key, value in versions.items()))
+    on_reference = [op for op in ops if versions[f"finevit.{op}"] == "reference"]
+    if device.type == "cuda" and on_reference:
+        print(f"  WARNING: {ours} runs the PyTorch reference here for {', '.join(on_reference)} "
+              f"(FINEVIT_KERNELS={os.environ.get('FINEVIT_KERNELS')})")
+    ceilings = measure_ceilings(device, smoke=args.cpu_smoke)
+    print(f"ceilings: matmul {ceilings['matmul']['tflops']:.4g} TFLOP/s, copy {ceilings['copy']['gbps']:.4g} GB/s\n")
+    return BenchRun(args, list(sys.argv[1:] if argv is None else argv), device, env, versions, ceilings,
+                    providers, ours)
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """One bench run as `start` set it up. Build the results payload with `payload`, write it after every case
+    with `save` and at the end with `finish`."""
+
+    args: argparse.Namespace
+    argv: list[str]
+    device: torch.device
+    env: dict  # `environment(device)`
+    versions: dict  # "finevit.<op>": "triton" | "reference" for each op the bench runs, then library versions
+    ceilings: dict  # `measure_ceilings(device)`
+    known_providers: Mapping  # name -> provider (with a `description`)
+    ours: str
+
+    @property
+    def smoke(self) -> bool:
+        return self.args.cpu_smoke
+
+    def providers(self, default: Sequence[str]) -> list[str]:
+        """--providers, or `default`; ours first."""
+        return ours_first(self.args.providers or default, self.ours)
+
+    def modes(self, default: Sequence[str]) -> list[str]:
+        """--modes, or `default`."""
+        return list(self.args.modes or default)
+
+    def config(self, **fields) -> dict:
+        """The results' `config`: the run's options, this bench's `fields`, the kernel mode and `versions`."""
+        return {"quick": self.args.quick, "cpu_smoke": self.smoke, "seed": self.args.seed, **fields,
+                "argv": self.argv, "FINEVIT_KERNELS": os.environ.get("FINEVIT_KERNELS", "auto"), **self.versions}
+
+    def payload(self, bench: str, *, providers: Sequence[str], modes: Sequence[str], layout: dict, config: dict,
+                metric: dict | None = None, **extra) -> dict:
+        """The results JSON (see the module docstring) before any case ran; `extra`: the bench's own fields."""
+        return {
+            "bench": bench,
+            "env": self.env,
+            "ceilings": self.ceilings,
+            "config": self.config(**config),
+            "metric": metric or {"unit": "TFLOP/s", "ceiling": "matmul"},
+            "ours": self.ours,
+            "providers": {name: self.known_providers[name].description for name in providers},
+            "modes": list(modes),
+            "layout": layout,
+            "cases": [],
+            "results": [],
+            "checks": [],
+            **extra,
+        }
+
+    def save(self, payload: dict) -> Path:
+        """Write the results JSON as it stands: after every case, so a run cut short keeps its numbers."""
+        return write_results(payload, self.args.out)
+
+    def finish(self, payload: dict, report: Callable[[], None]) -> None:
+        """Write the final JSON with its markdown and plot; print the throughput tables, then `report()` (the
+        bench's own tables and targets), then the files written."""
+        json_path = self.save(payload)
+        md_path, png_path = render(json_path)
+        print("\n" + throughput_tables(payload))
+        report()
+        print(f"\nwrote {json_path}\n      {md_path}" + (f"\n      {png_path}" if png_path else ""))
+
+
+def bench_parser(doc: str, providers: Sequence[str], *, quick_help: str, seed_help: str,
+                 modes_help: str | None = MODES_HELP) -> argparse.ArgumentParser:
+    """The options every bench takes (no --modes when `modes_help` is None); `doc`: the script's docstring."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default=None, help="output directory (default bench/results/)")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 run on the CPU to check the script")
+    parser.add_argument("--providers", type=name_list(list(providers)), default=None,
+                        help=f"comma-separated subset of {','.join(providers)}")
+    if modes_help is not None:
+        parser.add_argument("--modes", type=name_list(MODES), default=None, help=modes_help)
+    else:
+        parser.set_defaults(modes=None)
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    return parser
+
+
+def dispatch_targets(ops: Sequence[str], device: torch.device) -> dict:
+    """Which path finevit's dispatch takes for each op's tensors on `device`: "triton" or "reference"."""
+    from finevit.kernels._dispatch import use_triton
+
+    return {f"finevit.{op}": "triton" if use_triton(op, device) else "reference" for op in ops}
+
+
+def name_list(known: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse `type`: comma-separated names, each one of `known` (else a usage error listing them)."""
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {unknown or 'empty list'}; choose from {','.join(known)}")
+        return names
+    return parse
+
+
+def ours_first(names: Sequence[str], ours: str) -> list[str]:
+    """`names` with ours first: the other providers' outputs are checked against it."""
+    return sorted(names, key=lambda name: name != ours)
+
+
+def require_cuda(cpu_smoke: bool = False) -> torch.device:
+    """The device to benchmark on: CUDA, or the CPU for a `--cpu-smoke` run; without either, exit 0."""
+    if cpu_smoke:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        print(NO_CUDA_MESSAGE)
+        sys.exit(0)
+    return torch.device("cuda")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,58 +229,6 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def bench_parser(description: str, providers: Sequence[str], quick_help: str, modes_help: str):
-    """The options every bench script takes; scripts add their own to the returned parser."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--out", default=None, help="output directory (default bench/results/)")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 run on the CPU to check the script")
-    parser.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(providers)}")
-    parser.add_argument("--modes", default=None, help=modes_help)
-    return parser
-
-
-def chosen_providers(arg: str | None, default: Sequence[str], known: Sequence[str], ours: str) -> list[str]:
-    """--providers as a list (ours first: the others are checked against its output), or `default`."""
-    if not arg:
-        return list(default)
-    providers = [p.strip() for p in arg.split(",")]
-    unknown = [p for p in providers if p not in known]
-    if unknown:
-        sys.exit(f"unknown provider(s) {unknown}; choose from {list(known)}")
-    return sorted(providers, key=lambda p: p != ours)
-
-
-def chosen_modes(arg: str | None, default: Sequence[str]) -> list[str]:
-    """--modes as a list of harness MODES, or `default`."""
-    if not arg:
-        return list(default)
-    modes = [m.strip() for m in arg.split(",")]
-    if not set(modes) <= set(MODES):
-        sys.exit(f"--modes must be a subset of {MODES}")
-    return modes
-
-
-def dispatch_targets(ops: Sequence[str], device: torch.device) -> dict:
-    """Which implementation finevit's dispatch picks for each op on `device` (Triton kernel or reference)."""
-    from finevit.kernels._dispatch import implementation
-
-    return {f"finevit.{op}": f"{fn.__module__}.{fn.__qualname__}"
-            for op in ops for fn in [implementation(op, device)]}
-
-
-def require_cuda(cpu_smoke: bool = False) -> torch.device:
-    """The device to benchmark on: CUDA, or the CPU for a `--cpu-smoke` run; without either, exit 0."""
-    if cpu_smoke:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        print(NO_CUDA_MESSAGE)
-        sys.exit(0)
-    return torch.device("cuda")
 
 
 def warmup_shard() -> tuple[int, int] | None:
@@ -387,17 +495,6 @@ def measure_ceilings(device: torch.device, smoke: bool = False) -> dict:
     if smoke:
         return {"matmul": matmul_ceiling(device, torch.float32, sizes=(256,)), "copy": copy_ceiling(device, 2**24)}
     return {"matmul": matmul_ceiling(device), "copy": copy_ceiling(device)}
-
-
-def announce(env: dict, versions: dict, extra: str = "") -> None:
-    """A bench's first lines: GPU, driver, versions, commit, then each dispatch target / library version."""
-    print(f"{env['gpu']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
-          f"commit {env['commit'][:12]}")
-    print("  " + "\n  ".join(f"{k}: {v}" for k, v in versions.items()) + extra)
-
-
-def announce_ceilings(ceilings: dict) -> None:
-    print(f"ceilings: matmul {ceilings['matmul']['tflops']:.4g} TFLOP/s, copy {ceilings['copy']['gbps']:.4g} GB/s\n")
 
 
 def run_providers(providers, run, ours: str, progress, autotune: AutotuneLog | None = None,

@@ -59,13 +59,10 @@ FINEVIT_KERNELS=reference, a wall-clock timer) through the same code paths, to c
 
 from __future__ import annotations
 
-import argparse
 import functools
 import inspect
 import math
-import os
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -478,9 +475,9 @@ def plan(args) -> tuple[list[tuple[Workload, int, int]], list[str], list[str], t
     return cases, GPU_PROVIDERS, list(harness.MODES), torch.bfloat16
 
 
-def library_versions(device: torch.device) -> dict:
-    """Which code each provider runs: finevit's dispatch targets, varlen_attn's signature, flash-attn's version."""
-    info = harness.dispatch_targets(("varlen_attention", "apply_rope"), device)
+def library_versions() -> dict:
+    """Which code the baselines run: varlen_attn's signature and flash-attn's version."""
+    info = {}
     try:
         from torch.nn.attention.varlen import varlen_attn
         info["varlen_attn_signature"] = str(inspect.signature(varlen_attn))
@@ -494,75 +491,39 @@ def library_versions(device: torch.device) -> dict:
     return info
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = harness.bench_parser(__doc__.splitlines()[0], PROVIDERS, "a < 3 minute subset (see the module docstring)",
-                                  "comma-separated subset of fwd,bwd,fwd+bwd")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the mixed workload and the inputs")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    device = harness.require_cuda(cpu_smoke=args.cpu_smoke)
-    if args.cpu_smoke:
-        os.environ["FINEVIT_KERNELS"] = "reference"
-        torch.set_num_threads(1)  # tiny ops: threads only add noise to the timings
-    cases, providers, modes, dtype = plan(args)
+    run = harness.start(__doc__, PROVIDERS, argv, ops=("varlen_attention", "apply_rope"), libraries=library_versions,
+                        quick_help="a < 3 minute subset (see the module docstring)",
+                        seed_help="seed of the mixed workload and the inputs")
+    cases, providers, modes, dtype = plan(run.args)
     cases = harness.warmup_cases(cases)
-    providers = harness.chosen_providers(args.providers, providers, PROVIDERS, OURS)
-    modes = harness.chosen_modes(args.modes, modes)
-
-    env = harness.environment(device)
-    versions = library_versions(device)
-    harness.announce(env, versions)
-    if device.type == "cuda" and "reference" in versions["finevit.varlen_attention"]:
-        print(f"  WARNING: {OURS} runs the PyTorch reference here (no Triton kernel registered)")
-    ceilings = harness.measure_ceilings(device, smoke=args.cpu_smoke)
-    harness.announce_ceilings(ceilings)
-
-    results: list[dict] = []
-    payload = {
-        "bench": "attention",
-        "env": env,
-        "ceilings": ceilings,
-        "config": {"dtype": str(dtype).removeprefix("torch."), "quick": args.quick, "cpu_smoke": args.cpu_smoke,
-                   "seed": args.seed, "token_budget": TOKEN_BUDGET, "argv": sys.argv[1:],
-                   "FINEVIT_KERNELS": os.environ.get("FINEVIT_KERNELS", "auto"), **versions,
-                   "mixed_grids": next(([list(g) for g in w.grids] for w, _, _ in cases if w.name == "mixed"), None)},
-        "metric": {"unit": "TFLOP/s", "ceiling": "matmul"},
-        "ours": OURS,
-        "providers": {name: PROVIDERS[name].description for name in providers},
-        "modes": modes,
-        "layout": {"panel": "heads_dim", "x": "workload"},
-        "cases": [],
-        "results": results,
-        "checks": [],
-    }
+    providers, modes = run.providers(providers), run.modes(modes)
+    mixed_grids = next(([list(g) for g in w.grids] for w, _, _ in cases if w.name == "mixed"), None)
+    payload = run.payload("attention", providers=providers, modes=modes, layout={"panel": "heads_dim", "x": "workload"},
+                          config={"dtype": str(dtype).removeprefix("torch."), "token_budget": TOKEN_BUDGET,
+                                  "mixed_grids": mixed_grids})
+    results = payload["results"]
     autotune = harness.AutotuneLog({"fwd": attention._attn_fwd_tuned, "bwd_dkdv": attention._attn_bwd_dkdv_tuned,
                                     "bwd_dq": attention._attn_bwd_dq_tuned})
     for workload, heads, head_dim in cases:
         case = describe_case(workload, heads, head_dim, dtype)
         payload["cases"].append(case)
-        batch = make_batch(workload, heads, head_dim, dtype, device, seed=args.seed)
+        batch = make_batch(workload, heads, head_dim, dtype, run.device, seed=run.args.seed)
         results += harness.run_providers(
-            providers, lambda name, ours_out: run_provider(name, batch, case, modes, device,
-                                                           ceilings["matmul"]["tflops"], ours_out),
+            providers, lambda name, ours_out: run_provider(name, batch, case, modes, run.device,
+                                                           run.ceilings["matmul"]["tflops"], ours_out),
             OURS, _progress_line, autotune, case["case"])
         batch = None  # frees it (the lambda's cell) before free_memory
-        harness.free_memory(device)
+        harness.free_memory(run.device)
         harness.add_ratios(results, OURS)
         payload["autotune"] = autotune.entries
-        harness.write_results(payload, args.out)  # after every case, so a run cut short keeps its numbers
+        run.save(payload)
 
     if harness.warmup_shard() is not None:
         return
     payload["checks"] = check_targets(results, payload["cases"], modes)
     payload["tables"] = [autotune.table()]
-    json_path = harness.write_results(payload, args.out)
-    md_path, png_path = harness.render(json_path)
-    print("\n" + harness.throughput_tables(payload))
-    _print_checks(payload["checks"])
-    print(f"\nwrote {json_path}\n      {md_path}" + (f"\n      {png_path}" if png_path else ""))
+    run.finish(payload, lambda: _print_checks(payload["checks"]))
 
 
 if __name__ == "__main__":

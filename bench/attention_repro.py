@@ -166,14 +166,14 @@ def run_case(lengths: list[int], heads: int, head_dim: int, rope: bool, dtype, d
 
 
 def poison_outputs() -> bool:
-    """Allocate our attention kernels' outputs NaN-filled, as the kernel tests do; False if the hook is gone."""
+    """Allocate our kernels' outputs NaN-filled, as the kernel tests do; False if the hook is gone."""
     import torch
 
-    from finevit.kernels import attention
+    from finevit.kernels import _dispatch
 
-    if not callable(getattr(attention, "_empty", None)):
+    if not callable(getattr(_dispatch, "empty", None)):
         return False
-    attention._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    _dispatch.empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
     return True
 
 
@@ -199,19 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import triton
 
-    import _harness as harness  # bench/'s shared harness (environment record)
-    from finevit.kernels import attention
-    from finevit.kernels._dispatch import implementation
+    import _harness as harness  # bench/'s shared harness (environment record, dispatch targets)
 
     device = torch.device(args.device)
-    impl = implementation("varlen_attention", device)
-    if impl is not attention.varlen_attention:
-        sys.exit(f"attention_repro: the dispatch picked {impl.__module__}.{impl.__qualname__}, not the Triton op")
+    dispatched = harness.dispatch_targets(("varlen_attention",), device)["finevit.varlen_attention"]
+    if dispatched != "triton":
+        sys.exit(f"attention_repro: varlen_attention dispatches to {dispatched}, not to the Triton kernels")
     poisoned = poison_outputs()
     torch.manual_seed(args.seed)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}), interpreter"
     print(f"attention repro on {gpu} · torch {torch.__version__} · triton {triton.__version__} · "
-          f"{impl.__module__}.{impl.__qualname__}")
+          f"varlen_attention: {dispatched}")
     print(f"tokens {','.join(map(str, args.tokens))} · {args.heads} heads · outputs NaN-poisoned: {poisoned} · rule: "
           f"ours <= {FACTORS['out']:g}x PyTorch's error (out), {FACTORS['dq']:g}x (dq, dk, dv), + {FLOOR:g}"
           + (f" · SELF-TEST: our softmax_scale skewed x{args.skew_scale:g}" if args.skew_scale is not None else ""))
@@ -249,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             "env": harness.environment(device),
             "config": {"tokens": args.tokens, "heads": args.heads, "seed": args.seed, "factors": FACTORS,
                        "floor": FLOOR, "error": "max |x - x64| / max |x64| on the same rounded inputs",
-                       "implementation": f"{impl.__module__}.{impl.__qualname__}", "poisoned_outputs": poisoned,
+                       "implementation": dispatched, "poisoned_outputs": poisoned,
                        "skew_scale": args.skew_scale},
             "ok": not failed,
             "rows": _finite(rows),

@@ -322,18 +322,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer images per workload")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny workloads, to check the script (seconds)")
     parser.add_argument("--out", default=None, help="results directory (default bench/results/)")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated providers")
+    parser.add_argument("--providers", type=harness.name_list(list(PROVIDERS)), default=None,
+                        help=f"comma-separated subset of {','.join(PROVIDERS)}")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)  # one DataLoader worker's share of the CPU
-    providers = [p.strip() for p in args.providers.split(",")]
-    unknown = [p for p in providers if p not in PROVIDERS]
-    if unknown:
-        sys.exit(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
-    providers.sort(key=lambda p: p != OURS)  # ours first: the baselines' grids are checked against it
+    providers = harness.ours_first(args.providers or PROVIDERS, OURS)  # the baselines' grids are checked against it
     plan = "smoke" if args.cpu_smoke else "quick" if args.quick else "full"
     env = harness.environment(torch.device("cpu"))
     import PIL

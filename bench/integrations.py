@@ -43,12 +43,9 @@ FINEVIT_KERNELS=reference and a wall-clock timer, through the same code paths, t
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
-import os
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -400,76 +397,47 @@ def plan(args) -> tuple[list[Tower], list[str], list[str], torch.dtype]:
     return towers, GPU_PROVIDERS, ["fwd", "fwd+bwd"], torch.bfloat16
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = harness.bench_parser(__doc__.splitlines()[0], PROVIDERS, "a few-minute subset (see the module docstring)",
-                                  "comma-separated subset of fwd,bwd,fwd+bwd")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the NaFlex shapes, the weights and the inputs")
-    return parser.parse_args(argv)
+def library_versions() -> dict:
+    """The versions of the libraries whose towers are benchmarked."""
+    import timm
+    import transformers
+
+    return {"transformers": transformers.__version__, "timm": timm.__version__}
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    device = harness.require_cuda(cpu_smoke=args.cpu_smoke)
-    if args.cpu_smoke:
-        os.environ["FINEVIT_KERNELS"] = "reference"
-        torch.set_num_threads(1)
-    towers, providers, modes, dtype = plan(args)
+    run = harness.start(__doc__, PROVIDERS, argv, ops=("varlen_attention", "patch_embed"), libraries=library_versions,
+                        quick_help="a few-minute subset (see the module docstring)",
+                        seed_help="seed of the NaFlex shapes, the weights and the inputs")
+    device = run.device
+    towers, providers, modes, dtype = plan(run.args)
     towers = harness.warmup_cases(towers)
-    providers = harness.chosen_providers(args.providers, providers, PROVIDERS, OURS)
-    modes = harness.chosen_modes(args.modes, modes)
-
-    env = harness.environment(device)
-    versions = harness.dispatch_targets(("varlen_attention", "patch_embed"), device)
-    import timm
-    import transformers
-    versions.update(transformers=transformers.__version__, timm=timm.__version__)
-    harness.announce(env, versions)
-    ceilings = harness.measure_ceilings(device, smoke=args.cpu_smoke)
-    harness.announce_ceilings(ceilings)
-
-    results: list[dict] = []
-    payload = {
-        "bench": "integrations",
-        "env": env,
-        "ceilings": ceilings,
-        "config": {"dtype": str(dtype).removeprefix("torch."), "quick": args.quick, "cpu_smoke": args.cpu_smoke,
-                   "seed": args.seed, "argv": sys.argv[1:], "FINEVIT_KERNELS": os.environ.get("FINEVIT_KERNELS", "auto"),
-                   **versions},
-        "metric": {"unit": "TFLOP/s", "ceiling": "matmul"},
-        "ours": OURS,
-        "providers": {name: PROVIDERS[name].description for name in providers},
-        "modes": modes,
-        "layout": {"panel": "family", "x": "case"},
-        "cases": [],
-        "results": results,
-        "checks": [],
-    }
+    providers, modes = run.providers(providers), run.modes(modes)
+    payload = run.payload("integrations", providers=providers, modes=modes, layout={"panel": "family", "x": "case"},
+                          config={"dtype": str(dtype).removeprefix("torch.")})
+    results = payload["results"]
     for tower in towers:
         flop = forward_flops(tower)
         payload["cases"].append({"case": tower.name, "family": tower.family, "dtype": str(dtype).removeprefix("torch."),
                                  "forward_flop": flop, **tower.describe})
-        torch.manual_seed(args.seed)
+        torch.manual_seed(run.args.seed)
         with torch.device(device):
             model = tower.build().to(dtype).train()
         inputs = tower.inputs(device, dtype)
         results += harness.run_providers(
             providers, lambda name, ours_out: run_provider(name, tower, model, inputs, modes, device, flop,
-                                                           ceilings["matmul"]["tflops"], ours_out),
+                                                           run.ceilings["matmul"]["tflops"], ours_out),
             OURS, _progress_line)
         revert_finevit_kernels(model)
         model = inputs = None  # frees them (the lambda's cells) before free_memory
         harness.free_memory(device)
         harness.add_ratios(results, OURS)
-        harness.write_results(payload, args.out)  # after every tower, so a run cut short keeps its numbers
+        run.save(payload)
 
     if harness.warmup_shard() is not None:
         return
     payload["checks"] = check_targets(results, towers)
-    json_path = harness.write_results(payload, args.out)
-    md_path, png_path = harness.render(json_path)
-    print("\n" + harness.throughput_tables(payload))
-    _print_checks(payload["checks"])
-    print(f"\nwrote {json_path}\n      {md_path}" + (f"\n      {png_path}" if png_path else ""))
+    run.finish(payload, lambda: _print_checks(payload["checks"]))
 
 
 if __name__ == "__main__":

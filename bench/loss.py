@@ -16,9 +16,9 @@ Workloads (one GPU, the loss alone: no model, no communication)
 
 Providers (each a forward closure returning the scalar loss of the same inputs)
     finevit     the public `finevit.kernels.siglip_loss` / `clip_loss`, dispatched as a user gets them
-                (FINEVIT_KERNELS unset: the Triton kernel on CUDA). The implementation the dispatch picks,
-                `finevit.kernels._dispatch.implementation(op, device)`, is printed and recorded in the JSON;
-                a warning is printed when that is the reference on CUDA (the kernel not registered yet).
+                (FINEVIT_KERNELS unset: the Triton kernel on CUDA). The path the dispatch takes,
+                `finevit.kernels._dispatch.use_triton(op, device)` ("triton" or "reference"), is printed and
+                recorded in the JSON; a warning is printed when that is the reference on CUDA.
     naive       `finevit.kernels.reference.siglip_loss` / `clip_loss` called directly: the eager PyTorch loss
                 of the tests' oracle. It casts the features to fp32 and materializes the B×B logits (CLIP:
                 both directions) and their autograd intermediates.
@@ -70,8 +70,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -583,34 +581,37 @@ def _print_checks(checks: list[dict], smoke: bool) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def library_versions(device: torch.device) -> dict:
-    """Which code each provider runs: finevit's dispatch targets and open_clip's version."""
-    info = harness.dispatch_targets(("siglip_loss", "clip_loss"), device)
+def library_versions() -> dict:
+    """Which code the open_clip provider runs: its version, or why it is unavailable."""
     try:
-        info["open_clip"] = _open_clip_losses()[2]
+        return {"open_clip": _open_clip_losses()[2]}
     except Unavailable as error:
-        info["open_clip"] = f"unavailable ({error})"
-    return info
+        return {"open_clip": f"unavailable ({error})"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = harness.bench_parser(__doc__.splitlines()[0], PROVIDERS, "B up to 65,536 and the probe up to 2^20",
-                                  "comma-separated subset of fwd,bwd,fwd+bwd (default fwd,fwd+bwd)")
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-max", type=int, default=None,
                         help=f"largest B the probe tries (default {PROBE_MAX}, --quick {QUICK_PROBE_MAX}; 0: no probe)")
     parser.add_argument("--probe-step-limit-s", type=float, default=150.0,
                         help="skip a probe doubling whose step would take longer than this (4× the last step)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the features")
-    return parser.parse_args(argv)
+
+
+def print_memory_model(model: list[dict]) -> None:
+    print("\nMemory model (computed, not measured; GB = 1e9 bytes; bf16 features):")
+    print(f"  {'B':>9} {'D':>5} {'one BxB fp32 logits':>20} {'tiled SigLIP':>13} {'tiled CLIP':>11}")
+    for r in model:
+        print(f"  {r['batch']:>9,} {r['dim']:>5} {r['logits_fp32_gb']:>17.3f} GB {r['tiled_siglip_gb']:>10.3f} GB "
+              f"{r['tiled_clip_gb']:>8.3f} GB")
 
 
 def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
-    args = parse_args(argv)
-    device = harness.require_cuda(cpu_smoke=args.cpu_smoke)
-    if args.cpu_smoke:
-        os.environ["FINEVIT_KERNELS"] = "reference"  # Triton kernels need a GPU (or the interpreter)
-        torch.set_num_threads(1)  # tiny ops: threads only add noise to the timings
+    run = harness.start(__doc__, PROVIDERS, argv, ops=("siglip_loss", "clip_loss"), libraries=library_versions,
+                        quick_help="B up to 65,536 and the probe up to 2^20", seed_help="seed of the features",
+                        modes_help="comma-separated subset of fwd,bwd,fwd+bwd (default fwd,fwd+bwd)",
+                        options=add_options)
+    args, device = run.args, run.device
+    if run.smoke:
         batches, dims, dtype = SMOKE_BATCHES, SMOKE_DIMS, torch.float32
         probe_start, probe_max = SMOKE_PROBE
     else:
@@ -619,57 +620,24 @@ def main(argv: list[str] | None = None) -> None:
         probe_start, probe_max = PROBE_START, QUICK_PROBE_MAX if args.quick else PROBE_MAX
     if args.probe_max is not None:
         probe_max = args.probe_max
-    providers = list(PROVIDERS)
-    providers = harness.chosen_providers(args.providers, providers, PROVIDERS, OURS)
-    modes = harness.chosen_modes(args.modes, MODES)
+    providers = run.providers(PROVIDERS)
+    modes = run.modes(MODES)
     modes.sort(key=MODE_WEIGHT.__getitem__)  # lighter first: an OOM there settles the heavier ones
-
-    env = harness.environment(device)
-    versions = library_versions(device)
-    harness.announce(env, versions)
-    if device.type == "cuda" and any("reference" in versions[f"finevit.{op}"] for op in ("siglip_loss", "clip_loss")):
-        print(f"  WARNING: {OURS} runs the PyTorch reference here for at least one loss (no Triton kernel "
-              f"registered, or FINEVIT_KERNELS={os.environ.get('FINEVIT_KERNELS')})")
-
     model = memory_model(MODEL_BATCHES, DIMS, torch.bfloat16)
-    print("\nMemory model (computed, not measured; GB = 1e9 bytes; bf16 features):")
-    print(f"  {'B':>9} {'D':>5} {'one BxB fp32 logits':>20} {'tiled SigLIP':>13} {'tiled CLIP':>11}")
-    for r in model:
-        print(f"  {r['batch']:>9,} {r['dim']:>5} {r['logits_fp32_gb']:>17.3f} GB {r['tiled_siglip_gb']:>10.3f} GB "
-              f"{r['tiled_clip_gb']:>8.3f} GB")
+    print_memory_model(model)
 
-    ceilings = harness.measure_ceilings(device, smoke=args.cpu_smoke)
-    print()
-    harness.announce_ceilings(ceilings)
-
-    results: list[dict] = []
-    probes: list[dict] = []
-    payload = {
-        "bench": "loss",
-        "env": env,
-        "ceilings": ceilings,
-        "config": {"dtype": str(dtype).removeprefix("torch."), "quick": args.quick, "cpu_smoke": args.cpu_smoke,
-                   "batches": list(batches), "dims": list(dims), "logit_scale": INIT_SCALE, "logit_bias": INIT_BIAS,
-                   "seed": args.seed, "argv": sys.argv[1:],
-                   "float32_matmul_precision": torch.get_float32_matmul_precision(),  # the naive loss's fp32 GEMMs
-                   "FINEVIT_KERNELS": os.environ.get("FINEVIT_KERNELS", "auto"), **versions,
-                   "flops": "fwd 2·B²·D, bwd 4·B²·D, fwd+bwd 6·B²·D (useful work, the same for all providers)",
-                   "peak_memory": "CUDA: max_memory_allocated − memory_allocated before the step" if device.type
-                   == "cuda" else "CPU: allocations − frees recorded by torch.profiler(profile_memory=True)",
-                   "probe": {"start": probe_start, "max": probe_max, "dim": dims[-1],
-                             "step_limit_s": args.probe_step_limit_s}},
-        "metric": {"unit": "TFLOP/s", "ceiling": "matmul"},
-        "ours": OURS,
-        "providers": {name: PROVIDERS[name].description for name in providers},
-        "modes": modes,
-        "layout": {"panel": "panel", "x": "B"},
-        "cases": [],
-        "results": results,
-        "checks": [],
-        "probe": probes,
-        "memory_model": model,
-        "tables": [],
-    }
+    payload = run.payload(
+        "loss", providers=providers, modes=modes, layout={"panel": "panel", "x": "B"}, probe=[], memory_model=model,
+        tables=[],
+        config={"dtype": str(dtype).removeprefix("torch."), "batches": list(batches), "dims": list(dims),
+                "logit_scale": INIT_SCALE, "logit_bias": INIT_BIAS,
+                "float32_matmul_precision": torch.get_float32_matmul_precision(),  # the naive loss's fp32 GEMMs
+                "flops": "fwd 2·B²·D, bwd 4·B²·D, fwd+bwd 6·B²·D (useful work, the same for all providers)",
+                "peak_memory": "CUDA: max_memory_allocated − memory_allocated before the step" if device.type
+                == "cuda" else "CPU: allocations − frees recorded by torch.profiler(profile_memory=True)",
+                "probe": {"start": probe_start, "max": probe_max, "dim": dims[-1],
+                          "step_limit_s": args.probe_step_limit_s}})
+    results, probes = payload["results"], payload["probe"]
     oom_points: dict[tuple[str, str], list[OomPoint]] = {}
     for loss in LOSSES:
         for dim in dims:
@@ -679,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
                 inputs = make_inputs(batch, dim, dtype, device, seed=args.seed)
                 ours_value = None
                 for name in providers:
-                    records, value = run_provider(name, case, inputs, modes, device, ceilings["matmul"]["tflops"],
+                    records, value = run_provider(name, case, inputs, modes, device, run.ceilings["matmul"]["tflops"],
                                                   oom_points.setdefault((name, loss), []), ours_value)
                     if name == OURS:
                         ours_value = value
@@ -689,25 +657,24 @@ def main(argv: list[str] | None = None) -> None:
                 del inputs
                 harness.free_memory(device)
                 harness.add_ratios(results, OURS)
-                harness.write_results(payload, args.out)  # after every case, so a run cut short keeps its numbers
+                run.save(payload)
 
     if probe_max >= probe_start and OURS in providers:
         print(f"\nLargest batch that fits ({OURS}, fwd+bwd, D={dims[-1]}, B from {probe_start:,} to {probe_max:,}):")
         for loss in LOSSES:
             probes.append(probe_largest_batch(loss, dims[-1], dtype, device, probe_start, probe_max,
                                               args.probe_step_limit_s, args.seed))
-            harness.write_results(payload, args.out)
+            run.save(payload)
 
     payload["checks"] = check_targets(results, payload["cases"], probes)
     payload["tables"] = detail_tables(payload) + ([probe_table(probes)] if probes else []) + [
         _memory_model_table(model, torch.bfloat16)]
-    json_path = harness.write_results(payload, args.out)
-    md_path, png_path = harness.render(json_path)
-    print("\n" + harness.throughput_tables(payload))
-    for table in payload["tables"][:len(modes)]:
-        print(f"\n### {table['title']}\n\n" + harness._table(table["header"], table["rows"]))
-    _print_checks(payload["checks"], args.cpu_smoke)
-    print(f"\nwrote {json_path}\n      {md_path}" + (f"\n      {png_path}" if png_path else ""))
+
+    def report() -> None:
+        for table in payload["tables"][:len(modes)]:
+            print(f"\n### {table['title']}\n\n" + harness._table(table["header"], table["rows"]))
+        _print_checks(payload["checks"], run.smoke)
+    run.finish(payload, report)
     print(f"elapsed {time.perf_counter() - started:.0f} s")
 
 

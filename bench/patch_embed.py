@@ -45,11 +45,8 @@ a wall-clock timer, no torch_compiled) through the same code paths, to check the
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -360,56 +357,24 @@ def _print_checks(checks: list[dict], smoke: bool) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = harness.bench_parser(__doc__.splitlines()[0], PROVIDERS, "modes fwd and fwd+bwd only",
-                                  "comma-separated subset of fwd,bwd,fwd+bwd")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pixels and weights")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    device = harness.require_cuda(cpu_smoke=args.cpu_smoke)
-    if args.cpu_smoke:
-        os.environ["FINEVIT_KERNELS"] = "reference"  # Triton kernels need a GPU (or the interpreter)
-        torch.set_num_threads(1)  # tiny ops: threads only add noise to the timings
+    run = harness.start(__doc__, PROVIDERS, argv, ops=("patch_embed",), quick_help="modes fwd and fwd+bwd only",
+                        seed_help="seed of the pixels and weights")
+    if run.smoke:
         images, grid, dims, dtype = SMOKE_IMAGES, SMOKE_GRID, SMOKE_DIMS, torch.float32
     else:
         images, grid, dims, dtype = IMAGES, GRID, DIMS, torch.bfloat16
-    modes = harness.chosen_modes(args.modes, ["fwd", "fwd+bwd"] if args.quick else harness.MODES)
-    providers = harness.chosen_providers(args.providers, PROVIDERS, PROVIDERS, OURS)
-
-    env = harness.environment(device)
-    versions = harness.dispatch_targets(("patch_embed",), device)
-    harness.announce(env, versions)
-    if device.type == "cuda" and "reference" in versions["finevit.patch_embed"]:
-        print(f"  WARNING: {OURS} runs the PyTorch reference here (no Triton kernel registered, or "
-              f"FINEVIT_KERNELS={os.environ.get('FINEVIT_KERNELS')})")
-    ceilings = harness.measure_ceilings(device, smoke=args.cpu_smoke)
-    harness.announce_ceilings(ceilings)
-
-    results: list[dict] = []
-    payload = {
-        "bench": "patch_embed",
-        "env": env,
-        "ceilings": ceilings,
-        "config": {"dtype": str(dtype).removeprefix("torch."), "quick": args.quick, "cpu_smoke": args.cpu_smoke,
-                   "images": images, "grid": [grid, grid], "patches": list(PATCHES), "dims": list(dims),
-                   "channels": CHANNELS, "mean": MEAN, "std": STD, "seed": args.seed, "argv": sys.argv[1:],
-                   "FINEVIT_KERNELS": os.environ.get("FINEVIT_KERNELS", "auto"), **versions,
-                   "flops": "fwd 2·N·K·D, bwd 2·N·K·D (dW), fwd+bwd 4·N·K·D",
-                   "bytes": "minimum of a fused op, the same for every provider: fwd N·K (uint8) + 2·D·K + 2·D + "
-                            "2·N·D; bwd 2·N·D (dy) + N·K + 2·D·K + 2·D (dW, db); fwd+bwd the sum"},
-        "metric": {"unit": "GB/s", "ceiling": "copy"},
-        "ours": OURS,
-        "providers": {name: PROVIDERS[name].description for name in providers},
-        "modes": modes,
-        "layout": {"panel": "panel", "x": "x"},
-        "cases": [],
-        "results": results,
-        "checks": [],
-        "tables": [],
-    }
+    providers = run.providers(PROVIDERS)
+    modes = run.modes(["fwd", "fwd+bwd"] if run.args.quick else harness.MODES)
+    payload = run.payload(
+        "patch_embed", providers=providers, modes=modes, layout={"panel": "panel", "x": "x"},
+        metric={"unit": "GB/s", "ceiling": "copy"}, tables=[],
+        config={"dtype": str(dtype).removeprefix("torch."), "images": images, "grid": [grid, grid],
+                "patches": list(PATCHES), "dims": list(dims), "channels": CHANNELS, "mean": MEAN, "std": STD,
+                "flops": "fwd 2·N·K·D, bwd 2·N·K·D (dW), fwd+bwd 4·N·K·D",
+                "bytes": "minimum of a fused op, the same for every provider: fwd N·K (uint8) + 2·D·K + 2·D + "
+                         "2·N·D; bwd 2·N·D (dy) + N·K + 2·D·K + 2·D (dW, db); fwd+bwd the sum"})
+    results = payload["results"]
     kernels = importlib.import_module("finevit.kernels.patch_embed")  # `K.patch_embed` is the public function
     autotune = harness.AutotuneLog({"fwd": kernels._fwd_tuned[False], "fwd_fp32": kernels._fwd_tuned[True],
                                     "dweight": kernels._dweight_tuned[False],
@@ -417,27 +382,27 @@ def main(argv: list[str] | None = None) -> None:
     for patch, dim in harness.warmup_cases(list(product(PATCHES, dims))):
         case = describe_case(images, grid, patch, dim, dtype)
         payload["cases"].append(case)
-        inputs = make_inputs(images, grid, patch, dim, dtype, device, seed=args.seed)
+        inputs = make_inputs(images, grid, patch, dim, dtype, run.device, seed=run.args.seed)
         results += harness.run_providers(
-            providers, lambda name, ours_out: run_provider(name, inputs, case, modes, device, ceilings, ours_out),
+            providers, lambda name, ours_out: run_provider(name, inputs, case, modes, run.device, run.ceilings,
+                                                           ours_out),
             OURS, _progress_line, autotune, case["case"])
         inputs = None  # frees it (the lambda's cell) before free_memory
-        harness.free_memory(device)
+        harness.free_memory(run.device)
         harness.add_ratios(results, OURS)
         payload["autotune"] = autotune.entries
-        harness.write_results(payload, args.out)  # after every case, so a run cut short keeps its numbers
+        run.save(payload)
 
     if harness.warmup_shard() is not None:
         return
     payload["checks"] = check_targets(results, payload["cases"], modes)
     payload["tables"] = detail_tables(payload) + [traffic_table(payload["cases"]), autotune.table()]
-    json_path = harness.write_results(payload, args.out)
-    md_path, png_path = harness.render(json_path)
-    print("\n" + harness.throughput_tables(payload))
-    for table in payload["tables"]:
-        print(f"\n### {table['title']}\n\n" + harness._table(table["header"], table["rows"]))
-    _print_checks(payload["checks"], args.cpu_smoke)
-    print(f"\nwrote {json_path}\n      {md_path}" + (f"\n      {png_path}" if png_path else ""))
+
+    def report() -> None:
+        for table in payload["tables"]:
+            print(f"\n### {table['title']}\n\n" + harness._table(table["header"], table["rows"]))
+        _print_checks(payload["checks"], run.smoke)
+    run.finish(payload, report)
 
 
 if __name__ == "__main__":

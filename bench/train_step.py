@@ -87,7 +87,6 @@ import contextlib
 import importlib.util
 import inspect
 import math
-import os
 import sys
 import time
 import warnings
@@ -641,80 +640,50 @@ def plan(args) -> tuple[list[Case], list[str], str, torch.dtype]:
     return cases, providers, args.precision, dtype
 
 
-def library_versions(device: torch.device) -> dict:
-    info = harness.dispatch_targets(("varlen_attention", "patch_embed", "siglip_loss"), device)
+def library_versions() -> dict:
+    """The baselines' library versions and which SigLIP loss they run."""
+    info = {}
     for package in ("timm", "open_clip"):
         try:
             info[package] = __import__(package).__version__
         except ImportError:
             info[package] = None
+    info["baseline_loss"] = baseline_loss()[1]
     return info
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = harness.bench_parser(__doc__.splitlines()[0], PROVIDERS, "b16 and so400m14 at 16k tokens per step",
-                                  "not used: every provider times one whole training step")
+def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("bf16", "amp"), default="bf16",
                         help="bf16: bf16 params + fp32 masters (default); amp: fp32 params + autocast")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image sizes, pixels, weights and texts")
-    args = parser.parse_args(argv)
-    if args.modes:
-        parser.error("--modes: this bench times one mode, the whole training step")
-    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    device = harness.require_cuda(cpu_smoke=args.cpu_smoke)
-    if args.cpu_smoke:
-        os.environ["FINEVIT_KERNELS"] = "reference"
-        torch.set_num_threads(1)
-    else:
+    run = harness.start(__doc__, PROVIDERS, argv, ops=("varlen_attention", "patch_embed", "siglip_loss"),
+                        libraries=library_versions, quick_help="b16 and so400m14 at 16k tokens per step",
+                        seed_help="seed of the image sizes, pixels, weights and texts", modes_help=None,
+                        options=add_options)
+    device = run.device
+    if not run.smoke:
         torch.set_float32_matmul_precision("high")  # amp: fp32 patch embedding and heads on TF32, as usual
         torch.backends.cudnn.benchmark = True  # the baselines' patch-embedding convolution
-    cases, providers, precision, dtype = plan(args)
+    cases, providers, precision, dtype = plan(run.args)
     cases = harness.warmup_cases(cases)
-    providers = harness.chosen_providers(args.providers, providers, PROVIDERS, OURS)
-    timing_plan = TIMING["quick" if args.quick else "full"]  # CUDA only: the CPU loop times a few steps
-
-    env = harness.environment(device)
-    versions = library_versions(device)
-    _, loss_name = baseline_loss()
-    harness.announce(env, versions, f"\n  baseline loss: {loss_name}")
-    if device.type == "cuda" and "reference" in versions["finevit.varlen_attention"]:
-        print(f"  WARNING: {OURS} runs the PyTorch reference here "
-              f"(FINEVIT_KERNELS={os.environ.get('FINEVIT_KERNELS')})")
-    ceilings = harness.measure_ceilings(device, smoke=args.cpu_smoke)
-    harness.announce_ceilings(ceilings)
-
-    results: list[dict] = []
-    payload = {
-        "bench": "train_step",
-        "env": env,
-        "ceilings": ceilings,
-        "config": {"precision": precision, "quick": args.quick, "cpu_smoke": args.cpu_smoke, "seed": args.seed,
-                   "argv": sys.argv[1:], "FINEVIT_KERNELS": os.environ.get("FINEVIT_KERNELS", "auto"),
-                   **versions, "baseline_loss": loss_name,
-                   "optimizer": f"AdamW lr {LR}, betas {BETAS}, weight decay {WEIGHT_DECAY} (matrices), "
-                                f"fused on CUDA" + (", fp32 masters of bf16 params" if precision == "bf16" else ""),
-                   "text": "fixed random L2-normalized features (B, D), no text tower", "torch_compile": False,
-                   "equal_image_content": "image i (n_i = h_i*w_i patches) -> square s_i = round(sqrt(n_i)) "
-                                          "patches for the baselines",
-                   "timing": timing_plan if device.type == "cuda" else "wall clock, >= 5 steps and >= 50 ms",
-                   "datasheet_tflops": DATASHEET_TFLOPS,
-                   "images": "side sqrt(h*w) log-uniform in each case's sides_px, aspect h/w log-uniform in "
-                             "1/2..2, drawn with the seed until the budget is reached"},
-        "metric": {"unit": "TFLOP/s", "ceiling": "matmul"},
-        "ours": OURS,
-        "providers": {name: PROVIDERS[name].description for name in providers},
-        "modes": ["step"],
-        "layout": {"panel": "preset", "x": "budget"},
-        "cases": [],
-        "batches": {},
-        "results": results,
-        "checks": [],
-        "tables": [],
-    }
+    providers = run.providers(providers)
+    timing_plan = TIMING["quick" if run.args.quick else "full"]  # CUDA only: the CPU loop times a few steps
+    payload = run.payload(
+        "train_step", providers=providers, modes=["step"], layout={"panel": "preset", "x": "budget"}, batches={},
+        tables=[],
+        config={"precision": precision,
+                "optimizer": f"AdamW lr {LR}, betas {BETAS}, weight decay {WEIGHT_DECAY} (matrices), "
+                             f"fused on CUDA" + (", fp32 masters of bf16 params" if precision == "bf16" else ""),
+                "text": "fixed random L2-normalized features (B, D), no text tower", "torch_compile": False,
+                "equal_image_content": "image i (n_i = h_i*w_i patches) -> square s_i = round(sqrt(n_i)) "
+                                       "patches for the baselines",
+                "timing": timing_plan if device.type == "cuda" else "wall clock, >= 5 steps and >= 50 ms",
+                "datasheet_tflops": DATASHEET_TFLOPS,
+                "images": "side sqrt(h*w) log-uniform in each case's sides_px, aspect h/w log-uniform in "
+                          "1/2..2, drawn with the seed until the budget is reached"})
+    results = payload["results"]
     # The baselines run first in each case, so their numbers survive a fault in our kernels.
     run_order = sorted(providers, key=lambda p: p == OURS)
     lost = None
@@ -726,24 +695,20 @@ def main(argv: list[str] | None = None) -> None:
                 record = {"case": case.name, "mode": "step", "provider": name, "status": "skipped",
                           "reason": f"CUDA context lost earlier ({lost})"}
             else:
-                record = run_provider(name, case, device, precision, dtype, ceilings["matmul"]["tflops"],
-                                      args.seed, timing_plan)
+                record = run_provider(name, case, device, precision, dtype, run.ceilings["matmul"]["tflops"],
+                                      run.args.seed, timing_plan)
                 if record["status"] == "failed" and (lost := context_lost(device)):
                     lost = f"{record['provider']} on {record['case']}: {lost}"
             print(_progress_line(record), flush=True)
             results.append(record)
         harness.add_ratios(results, OURS)
-        harness.write_results(payload, args.out)  # after every case, so a run cut short keeps its numbers
+        run.save(payload)
 
     if harness.warmup_shard() is not None:
         return
-    payload["checks"] = check_targets(results, payload["cases"], env["gpu"])
+    payload["checks"] = check_targets(results, payload["cases"], run.env["gpu"])
     payload["tables"] = [step_table(results)]
-    json_path = harness.write_results(payload, args.out)
-    md_path, png_path = harness.render(json_path)
-    print("\n" + harness.throughput_tables(payload))
-    _print_checks(payload["checks"])
-    print(f"\nwrote {json_path}\n      {md_path}" + (f"\n      {png_path}" if png_path else ""))
+    run.finish(payload, lambda: _print_checks(payload["checks"]))
     if lost:
         sys.exit(f"the CUDA context was lost ({lost}): later providers were not run")
 
