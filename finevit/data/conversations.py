@@ -46,7 +46,8 @@ def prepare_tokenizer(tokenizer):
     sized the LLM's embeddings and the run that loads it. Resize the LLM's embeddings to `len(result)`."""
     if tokenizer.eos_token_id is None:
         raise ValueError("prepare_tokenizer: the tokenizer has no eos_token; answers need an end token")
-    missing = [t for t in SPECIAL_TOKENS.values() if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    missing = [t for t in SPECIAL_TOKENS.values()
+               if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     if tokenizer.pad_token_id is None:

@@ -7,9 +7,10 @@
 
 `load_resized` does everything up to the resized uint8 image; the loader, the evaluations and bench/data.py
 then patchify it straight into the packed batch (`finevit.data.packing.collate_images`), and
-`preprocess_image` does all of it for one image. The patch layout is the packed vision batch of docs/design.md: each row is one P×P patch flattened in
-(C, P, P) order (so `Conv2d(C, D, P, stride=P).weight.reshape(D, -1)` applies to it), rows in raster
-order, positions (row, col). Everything stays uint8: normalization happens in the model's patch embedding.
+`preprocess_image` does all of it for one image. The patch layout is the packed vision batch of
+docs/design.md: each row is one P×P patch flattened in (C, P, P) order (so
+`Conv2d(C, D, P, stride=P).weight.reshape(D, -1)` applies to it), rows in raster order, positions (row, col).
+Everything stays uint8: normalization happens in the model's patch embedding.
 
 Mode conversion rule (documented because every pipeline picks a different one):
     RGB                          kept

@@ -4,8 +4,16 @@ CLIP_benchmark-compatible JSON. CLI: `python -m finevit.eval --help`."""
 
 from .encode import EvalImages, embed_images, embed_texts
 from .metrics import classification_metrics, hard_negative_credit, ranking_metrics, retrieval_metrics
-from .tasks import (TASKS, TaskResult, classification, hard_negatives, long_caption_retrieval, retrieval,
-                    write_result, zeroshot_classifier)
+from .tasks import (
+                    TASKS,
+                    TaskResult,
+                    classification,
+                    hard_negatives,
+                    long_caption_retrieval,
+                    retrieval,
+                    write_result,
+                    zeroshot_classifier,
+)
 
 __all__ = ["EvalImages", "embed_images", "embed_texts", "classification_metrics", "hard_negative_credit",
            "ranking_metrics", "retrieval_metrics", "TASKS", "TaskResult", "classification", "hard_negatives",

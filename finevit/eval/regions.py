@@ -108,7 +108,7 @@ def local_perception_probe(vision, train_shards: str, val_shards: str, image_con
     for name, values in attributes.items():
         index = {v: i for i, v in enumerate(values)}
 
-        def labels(captions):
+        def labels(captions, name=name, values=values, index=index):
             found = [parse_attributes(c, {name: values})[name] for c in captions]
             keep = [i for i, v in enumerate(found) if v is not None]
             return keep, torch.tensor([index[found[i]] for i in keep], dtype=torch.long)
@@ -165,7 +165,7 @@ def region_tasks(model, builder: SequenceBuilder, val_shards: str, image_config:
             answers = model.generate(image_rows, prompts, max_new_tokens, builder.eos_token_id,
                                      builder.pad_token_id)
             texts = tokenizer.batch_decode(answers, skip_special_tokens=False)
-            for (i, region), caption, located in zip(part, texts[:len(part)], texts[len(part):]):
+            for (_, region), caption, located in zip(part, texts[:len(part)], texts[len(part):]):
                 truth = parse_attributes(region["caption"], attributes)
                 said = parse_attributes(caption, attributes)
                 hits = [said[n] == truth[n] and truth[n] is not None for n in attributes]

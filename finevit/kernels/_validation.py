@@ -2,8 +2,8 @@
 
 Each public op checks its inputs with these helpers (at the bottom of its file) before it picks a path,
 so the reference and the Triton paths see the same validated inputs and every user gets the same
-message. Messages name the op, the argument, what was expected and what was given. `TypeError` is raised for a wrong type or dtype,
-`ValueError` for a wrong shape, layout or value.
+message. Messages name the op, the argument, what was expected and what was given. `TypeError` is
+raised for a wrong type or dtype, `ValueError` for a wrong shape, layout or value.
 
 Checks that need the *values* of a tensor (cu_seqlens monotone, ending at total_tokens) read it on
 the host. They run for CPU tensors always; for CUDA tensors only with `FINEVIT_CHECK_VALUES=1`

@@ -26,7 +26,9 @@ Head dims that are not powers of two (72, 80, 88, ...) without padding to the ne
 `tl.dot` needs power-of-two tiles, but q·kᵀ is a sum over channels, so the channels may be grouped
 into several power-of-two chunks whose dot products are added (any grouping used identically for q
 and k). In the backward a rotary pair (i, i + r/2) must sit in one chunk, so rotary channels are
-grouped by pairs there: a chunk of P pairs holds x1[i:i+P] and x2[i:i+P], interleaved by `tl.join`, so that its gradient can be rotated back in registers. Chunks are at least 16 channels wide (the smallest dot); a remainder is padded (masked):
+grouped by pairs there: a chunk of P pairs holds x1[i:i+P] and x2[i:i+P], interleaved by `tl.join`, so
+that its gradient can be rotated back in registers. Chunks are at least 16 channels wide (the smallest
+dot); a remainder is padded (masked):
     head_dim 72 -> 64 + 16 (8 real) = 80 of work;  80 -> 64 + 16 = 80;  88 -> 64 + 16 + 16 = 96;
     96 -> 64 + 32;  128 -> 128;  256 -> 128 + 128,
 against 96 for 72/80/88 in FA2/FA3, whose kernels round head dims up to a multiple of 32. v and o
@@ -405,13 +407,17 @@ def _attn_bwd_dkdv_kernel(
         if QK3_REAL > 0:
             dk3 += tl.dot(ds_t, q3, input_precision=DOT_PRECISION)
 
-    _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
+                      QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     if QK1_REAL > 0:
-        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
+                          QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
     if QK2_REAL > 0:
-        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
+                          QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
     if QK3_REAL > 0:
-        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
+                          QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
     _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv0, V0_START, V0_REAL, V0_WIDTH)
     if V1_REAL > 0:
         _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv1, V1_START, V1_REAL, V1_WIDTH)
@@ -512,13 +518,17 @@ def _attn_bwd_dq_kernel(
         if QK3_REAL > 0:
             dq3 += tl.dot(ds, k3, input_precision=DOT_PRECISION)
 
-    _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
+    _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
+                      QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
     if QK1_REAL > 0:
-        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
+        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
+                          QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
     if QK2_REAL > 0:
-        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
+        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
+                          QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
     if QK3_REAL > 0:
-        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
+                          QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def _row_lse_kernel(
     for start in range(0, rows_b, BLOCK_B):
         offs_b = start + tl.arange(0, BLOCK_B)
         mask_b = offs_b < rows_b
-        z2 = scale2 * _dot_tile(A, B, offs_a, offs_b, mask_a, mask_b, dim, stride_a, stride_b, BLOCK_A, BLOCK_B, BLOCK_D)
+        z2 = scale2 * _dot_tile(A, B, offs_a, offs_b, mask_a, mask_b, dim, stride_a, stride_b,
+                                BLOCK_A, BLOCK_B, BLOCK_D)
         z2 = tl.where(mask_b[None, :], z2, float("-inf"))
         m_new = tl.maximum(m, tl.max(z2, 1))
         l = l * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(z2 - m_new[:, None]), 1)
@@ -70,7 +71,8 @@ def _row_lse_grad_kernel(
     for start in range(0, rows_other, BLOCK_B):
         offs_b = start + tl.arange(0, BLOCK_B)
         mask_b = offs_b < rows_other
-        dot = _dot_tile(OWN, OTHER, offs_a, offs_b, mask_a, mask_b, dim, stride_own, stride_other, BLOCK_A, BLOCK_B, BLOCK_D)
+        dot = _dot_tile(OWN, OTHER, offs_a, offs_b, mask_a, mask_b, dim, stride_own, stride_other,
+                        BLOCK_A, BLOCK_B, BLOCK_D)
         if OWN_IS_A:
             positive = (offs_a[:, None] + diag_offset) == offs_b[None, :]
             p = tl.math.exp2(scale2 * dot - lse[:, None])
@@ -96,7 +98,8 @@ def row_lse_shard(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse: to
     """lse (rows of a,) = log2 Σ_j exp(s·a_i·b_j) over the rows j of this shard of b."""
     options = launch_options()
     grid = (triton.cdiv(a.shape[0], options["BLOCK_A"]),)
-    wrap_triton(_row_lse_kernel)[grid](a, b, scale, lse, a.shape[0], b.shape[0], a.shape[1], a.stride(0), b.stride(0), **options)
+    wrap_triton(_row_lse_kernel)[grid](a, b, scale, lse, a.shape[0], b.shape[0], a.shape[1], a.stride(0), b.stride(0),
+                                       **options)
 
 
 @triton_op("finevit::row_lse_grad", mutates_args=("d_own", "ds"))

@@ -222,7 +222,8 @@ def _entry(variants: list[Variant], target: int, dtype: str, dim: int, aligned: 
     metadata = compiled.metadata
     for field in ("global_scratch_size", "profile_scratch_size", "tmem_size"):
         if getattr(metadata, field, 0):
-            raise RuntimeError(f"{variant.name} needs {field}={getattr(metadata, field)}: not supported by the C runtime")
+            raise RuntimeError(f"{variant.name} needs {field}={getattr(metadata, field)}: "
+                               f"not supported by the C runtime")
     if getattr(metadata, "num_ctas", 1) != 1 or getattr(metadata, "launch_cooperative_grid", False) \
             or getattr(metadata, "launch_pdl", False):
         raise RuntimeError(f"{variant.name}: clusters, cooperative and PDL launches are not supported")
@@ -374,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     problems += [f"--dtypes: {d!r} is not one of {tuple(DTYPES)}" for d in scope["dtypes"] if d not in DTYPES]
     problems += [f"--head-dims: {d} is not a multiple of 8 from 32 to 256" for d in scope["head_dims"]
                  if not (d % 8 == 0 and 32 <= d <= 256)]
-    problems += [f"--patch-sizes: {p} is not one of {PATCH_SIZES}" for p in scope["patch_sizes"] if p not in PATCH_SIZES]
+    problems += [f"--patch-sizes: {p} is not one of {PATCH_SIZES}"
+                 for p in scope["patch_sizes"] if p not in PATCH_SIZES]
     if problems:
         parser.error("; ".join(problems))
 

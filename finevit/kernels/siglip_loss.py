@@ -51,7 +51,8 @@ def _siglip_rows_loss_kernel(
     for start in range(0, rows_t, BLOCK_B):
         offs_b = start + tl.arange(0, BLOCK_B)
         mask_b = offs_b < rows_t
-        z = scale * _dot_tile(X, T, offs_a, offs_b, mask_a, mask_b, dim, stride_x, stride_t, BLOCK_A, BLOCK_B, BLOCK_D) + bias
+        dot = _dot_tile(X, T, offs_a, offs_b, mask_a, mask_b, dim, stride_x, stride_t, BLOCK_A, BLOCK_B, BLOCK_D)
+        z = scale * dot + bias
         positive = (offs_a[:, None] + diag_offset) == offs_b[None, :]
         loss = _softplus(tl.where(positive, -z, z))  # −log σ(y·z) = softplus(−y·z)
         total += tl.sum(tl.where(mask_a[:, None] & mask_b[None, :], loss, 0.0), 1)
@@ -76,7 +77,8 @@ def _siglip_grad_kernel(
     for start in range(0, rows_other, BLOCK_B):
         offs_b = start + tl.arange(0, BLOCK_B)
         mask_b = offs_b < rows_other
-        dot = _dot_tile(OWN, OTHER, offs_a, offs_b, mask_a, mask_b, dim, stride_own, stride_other, BLOCK_A, BLOCK_B, BLOCK_D)
+        dot = _dot_tile(OWN, OTHER, offs_a, offs_b, mask_a, mask_b, dim, stride_own, stride_other,
+                        BLOCK_A, BLOCK_B, BLOCK_D)
         z = scale * dot + bias
         if OWN_IS_IMAGE:
             positive = (offs_a[:, None] + diag_offset) == offs_b[None, :]

@@ -44,7 +44,8 @@ class FineCLIPConfig:
         if name not in VIT_PRESETS:
             raise ValueError(f"FineCLIPConfig: unknown preset {name!r}; presets: {', '.join(VIT_PRESETS)}")
         # Copies of the tower presets: a caller mutating its config must not change the presets.
-        preset = cls(vision=replace(VIT_PRESETS[name]), text=replace(TEXT_PRESETS[name]), embed_dim=VIT_PRESETS[name].width)
+        preset = cls(vision=replace(VIT_PRESETS[name]), text=replace(TEXT_PRESETS[name]),
+                     embed_dim=VIT_PRESETS[name].width)
         return replace(preset, **overrides)
 
 

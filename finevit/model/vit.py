@@ -1,7 +1,7 @@
 """FineViT: a native-resolution vision transformer over packed variable-size images, in one file.
 
 Images keep their aspect ratio; their patches are packed into one token sequence with `cu_seqlens`
-(see shared/DESIGN.md's packed batch). Position comes only from 2D rotary embeddings of each patch's
+(see docs/design.md's packed batch). Position comes only from 2D rotary embeddings of each patch's
 (row, col), applied inside `varlen_attention`, so any grid size works without interpolating a table.
 
     patches uint8 (N, C·P·P) ── patch_embed (normalize + GEMM) ──> (N, D)

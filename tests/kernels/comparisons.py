@@ -9,7 +9,8 @@ def assert_error_within(ours, ref64, torch_lowp, factor, name="output", floor=1e
     ref64: the computation in float64; torch_lowp: PyTorch's same computation in the kernel's dtype.
     NaN or inf anywhere in `ours` fails.
     """
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(ours))[:5].tolist()}"
+    bad = torch.nonzero(~torch.isfinite(ours))[:5].tolist()
+    assert not bad, f"{name}: non-finite values at {bad}"
     ours_err = (ours.double() - ref64).abs().max().item()
     torch_err = (torch_lowp.double() - ref64).abs().max().item()
     assert ours_err <= factor * torch_err + floor, (

@@ -31,7 +31,8 @@ def make_inputs(lengths, heads, head_dim, rotary_dim, dtype, layout="contiguous"
         for x in low:
             x.retain_grad()
     else:
-        low = [torch.randn(total, heads, head_dim, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_() for _ in range(3)]
+        low = [torch.randn(total, heads, head_dim, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
+               for _ in range(3)]
     masters = [x.detach().double().requires_grad_() for x in low]
     lowp_torch = [x.detach().clone().requires_grad_() for x in low]
     cu = K.cu_seqlens_from_lengths(lengths).to(DEVICE)
@@ -91,7 +92,8 @@ def test_attention_on_random_ragged_batches(seed):
     lengths[rng.randrange(len(lengths))] += 1  # at least one token
     heads = rng.randint(1, 3)
     head_dim = rng.choice([32, 72, 80])
-    check_against_reference(lengths, heads, head_dim, rng.choice([0, head_dim]), rng.choice([torch.float16, torch.float32]))
+    dtype = rng.choice([torch.float16, torch.float32])
+    check_against_reference(lengths, heads, head_dim, rng.choice([0, head_dim]), dtype)
 
 
 def test_attention_with_a_custom_softmax_scale_and_three_heads():
@@ -138,7 +140,8 @@ def test_public_function_runs_the_triton_kernel_when_asked(autotuned_launches):
     low, masters, _, cu, cos, sin = make_inputs([5, 8], 2, 32, 32, torch.float32)
     out = K.varlen_attention(*low, cu, 8, cos=cos, sin=sin)
     assert launches == ["_attn_fwd_kernel"]
-    torch.testing.assert_close(out.double(), reference.varlen_attention(*masters, cu, 8, cos=cos, sin=sin), rtol=0, atol=1e-5)
+    expected = reference.varlen_attention(*masters, cu, 8, cos=cos, sin=sin)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="cu_seqlens must end at total_tokens"):
         K.varlen_attention(*low, torch.tensor([0, 5, 12], dtype=torch.int32), 8)  # validated before any kernel
 

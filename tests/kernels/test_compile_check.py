@@ -69,7 +69,8 @@ def quick_results(tmp_path_factory):
     for version, process in running.items():
         done = finish(process, timeout=900)
         path = folder / f"{version}.json"
-        assert path.exists(), f"the check under triton {version} did not finish:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert path.exists(), (f"the check under triton {version} did not finish:\n"
+                               f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         results[version] = done, json.loads(path.read_text())
     return results
 

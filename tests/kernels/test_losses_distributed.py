@@ -19,7 +19,6 @@ import torch.nn.functional as F
 import finevit.kernels as K
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -46,7 +46,8 @@ def random_qkv(lengths, heads, head_dim, dtype=torch.float64):
 
 
 @pytest.mark.parametrize(
-    "lengths", [[1], [17], [1, 2, 17, 129], [5, 0, 3, 0], [64, 1, 1, 33]], ids=lambda l: "-".join(map(str, l))
+    "lengths", [[1], [17], [1, 2, 17, 129], [5, 0, 3, 0], [64, 1, 1, 33]],
+    ids=lambda lengths: "-".join(map(str, lengths)),
 )
 @pytest.mark.parametrize("heads, head_dim", [(1, 32), (3, 72), (2, 80)])
 def test_attention_matches_per_sequence_sdpa_on_ragged_batches(lengths, heads, head_dim):

@@ -48,7 +48,8 @@ ATTENTION_ERRORS = {
     "cu_2d": (dict(cu_seqlens=cu(0, 4, 10)[None]), ValueError, "cu_seqlens must have 1 dimensions"),
     "cu_one_entry": (dict(cu_seqlens=cu(0)), ValueError, "num_seqs + 1 >= 2"),
     "cu_not_from_zero": (dict(cu_seqlens=cu(1, 4, 10)), ValueError, "cu_seqlens must start at 0, got 1"),
-    "cu_decreasing": (dict(cu_seqlens=cu(0, 6, 4, 10)), ValueError, "non-decreasing, got cu_seqlens[1]=6 > cu_seqlens[2]=4"),
+    "cu_decreasing": (dict(cu_seqlens=cu(0, 6, 4, 10)), ValueError,
+                      "non-decreasing, got cu_seqlens[1]=6 > cu_seqlens[2]=4"),
     "cu_wrong_end": (dict(cu_seqlens=cu(0, 4, 9)), ValueError, "must end at total_tokens=10, got 9"),
     "max_seqlen_small": (dict(max_seqlen=5), ValueError, "max_seqlen=5 is smaller than the longest sequence (6"),
     "max_seqlen_tensor": (dict(max_seqlen=torch.tensor(6)), TypeError, "max_seqlen must be a Python int"),
@@ -107,10 +108,11 @@ def test_apply_rope_rejects_bad_input(case):
 
 
 pos2 = torch.zeros(5, 2, dtype=torch.int64)
+pos3, pos1 = torch.zeros(5, 3, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
 COS_SIN_ERRORS = {
-    "float_positions": (K.rope_2d_cos_sin, (pos2.float(), 32), TypeError, "positions must have dtype in (int32, int64)"),
-    "positions_3_cols": (K.rope_2d_cos_sin, (torch.zeros(5, 3, dtype=torch.int64), 32), ValueError, "(total_tokens, 2)"),
-    "positions_1d": (K.rope_2d_cos_sin, (torch.zeros(5, dtype=torch.int64), 32), ValueError, "positions must have 2 dim"),
+    "float_positions": (K.rope_2d_cos_sin, (pos2.float(), 32), TypeError, "must have dtype in (int32, int64)"),
+    "positions_3_cols": (K.rope_2d_cos_sin, (pos3, 32), ValueError, "(total_tokens, 2)"),
+    "positions_1d": (K.rope_2d_cos_sin, (pos1, 32), ValueError, "positions must have 2 dim"),
     "rotary_not_multiple_of_4": (K.rope_2d_cos_sin, (pos2, 32, 10000.0, 30), ValueError, "multiple of 4"),
     "rotary_over_head_dim": (K.rope_2d_cos_sin, (pos2, 32, 10000.0, 64), ValueError, "<= head_dim=32"),
     "theta_zero": (K.rope_2d_cos_sin, (pos2, 32, 0.0), ValueError, "theta must be a finite positive"),

@@ -1,6 +1,6 @@
 """FineViT: shapes, gradients, packing, 2D RoPE position semantics, configs and presets, float patches.
 
-The packed-batch contract (patches, positions, cu_seqlens, max_seqlen) is shared/DESIGN.md's; the MAP head
+The packed-batch contract (patches, positions, cu_seqlens, max_seqlen) is docs/design.md's; the MAP head
 is SigLIP's (a learned probe attending over each image), position is Qwen2-VL's 2D RoPE on (row, col).
 """
 
@@ -307,7 +307,7 @@ def test_swiglu_mlp_builds_a_gated_hidden_layer_and_runs():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Layering: model code stays free of torch.distributed (shared/DESIGN.md's layout)
+# Layering: model code stays free of torch.distributed (docs/design.md's layout)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -344,5 +344,5 @@ def test_model_source_never_uses_torch_distributed():
 
 
 def test_image_positions_helper_is_raster_order():
-    # Guards the other tests' batch builder: DESIGN.md's patches are in raster order, (row, col).
+    # Guards the other tests' batch builder: docs/design.md's patches are in raster order, (row, col).
     assert grid_positions(2, 3).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
