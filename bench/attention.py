@@ -68,10 +68,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import product
 
+import _harness as harness
 import torch
 import torch.nn.functional as F
 
-import _harness as harness
 import finevit.kernels as K
 from finevit.kernels import attention, reference
 from finevit.kernels.utils import packed_token_index
@@ -297,7 +297,8 @@ class Provider:
 
 
 PROVIDERS: dict[str, Provider] = {
-    "finevit": Provider(finevit_fused, "finevit varlen_attention with RoPE in the op (cos/sin passed in)", cuda_only=False),
+    "finevit": Provider(finevit_fused, "finevit varlen_attention with RoPE in the op (cos/sin passed in)",
+                        cuda_only=False),
     "finevit+rope": Provider(finevit_separate, "finevit apply_rope on q and k, then varlen_attention", cuda_only=False),
     "torch_varlen": Provider(torch_varlen, "PyTorch RoPE + torch.nn.attention.varlen.varlen_attn"),
     "flash_attn": Provider(flash_attn_varlen, "PyTorch RoPE + flash_attn.flash_attn_varlen_func"),
@@ -510,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         payload["cases"].append(case)
         batch = make_batch(workload, heads, head_dim, dtype, run.device, seed=run.args.seed)
         results += harness.run_providers(
-            providers, lambda name, ours_out: run_provider(name, batch, case, modes, run.device,
+            providers, lambda name, ours_out: run_provider(name, batch, case, modes, run.device,  # noqa: B023 (run now)
                                                            run.ceilings["matmul"]["tflops"], ours_out),
             OURS, _progress_line, autotune, case["case"])
         batch = None  # frees it (the lambda's cell) before free_memory

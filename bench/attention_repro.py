@@ -196,10 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     select_triton_path(args.device)
 
+    import _harness as harness  # bench/'s shared harness (environment record, dispatch targets)
     import torch
     import triton
-
-    import _harness as harness  # bench/'s shared harness (environment record, dispatch targets)
 
     device = torch.device(args.device)
     dispatched = harness.dispatch_targets(("varlen_attention",), device)["finevit.varlen_attention"]
@@ -240,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
                 else:
                     print(f"{label:<20} {row['status']}: {row['error']}", flush=True)
-    print(f"{sum(r['ok'] for r in rows)} of {len(rows)} cases ok" + ("" if not failed else "; TOO LARGE or ERROR above"))
+    print(f"{sum(r['ok'] for r in rows)} of {len(rows)} cases ok"
+          + ("" if not failed else "; TOO LARGE or ERROR above"))
     if args.json:
         payload = {
             "bench": "attention_repro",

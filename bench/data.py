@@ -54,11 +54,11 @@ import sys
 import time
 from collections.abc import Callable
 
+import _harness as harness
 import numpy as np
 import torch
 from PIL import Image
 
-import _harness as harness
 from finevit.data.image import ImageConfig, grid_of, load_resized
 from finevit.data.packing import collate_images, pack
 from finevit.data.synth import SynthConfig, generate_sample

@@ -1,4 +1,5 @@
-"""Benchmark of `finevit.integrations`: whole vision towers patched by `apply_finevit_kernels` against themselves unpatched.
+"""Benchmark of `finevit.integrations`: whole vision towers patched by `apply_finevit_kernels` against themselves
+unpatched.
 
     python bench/integrations.py [--quick] [--out DIR] [--providers a,b,...] [--modes fwd,bwd,fwd+bwd] [--cpu-smoke]
 
@@ -11,8 +12,8 @@ Towers (random-initialized from their published configs, bf16, no downloads)
     qwen2_5_vl 4img   Qwen2.5-VL vision tower (depth 32, width 1280, 16 heads, SwiGLU 3420, 112 px windows, full
                       attention in layers 7/15/23/31) on the 4 images above
     siglip so400m b32 SigLIP so400m/14 vision tower (27 layers, width 1152, 16 heads of 72) at 384 px, batch 32
-    siglip2 so400m naflex b32  SigLIP2 so400m/16 NaFlex tower, batch 32 of random aspect ratios, up to 1024 patches each,
-                      padded to 1024 with pixel_attention_mask (as Siglip2ImageProcessor pads them)
+    siglip2 so400m naflex b32  SigLIP2 so400m/16 NaFlex tower, batch 32 of random aspect ratios, up to 1024
+                      patches each, padded to 1024 with pixel_attention_mask (as Siglip2ImageProcessor pads them)
     vit_b16 b64       timm vit_base_patch16_224 (224 px), batch 64
 `--quick` (meant to take a few minutes; not yet timed on a GPU): qwen2_vl 4img, siglip so400m b32 and vit_b16 b64,
 fwd+bwd only.
@@ -50,9 +51,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import _harness as harness
 import torch
 
-import _harness as harness
 from finevit.integrations import apply_finevit_kernels, revert_finevit_kernels
 
 OURS = "finevit"
@@ -107,7 +108,8 @@ def qwen_tower(version: str, grids: list[list[int]], smoke: bool) -> Tower:
     tokens = sum(t * h * w for t, h, w in grids)
     return Tower(f"{version} {len(grids)}img", version, lambda: cls(config), inputs,
                  {"grid_thw": grids, "tokens": tokens, "depth": config.depth, "width": width, "mlp": mlp,
-                  "heads": config.num_heads, "patch_features": features, "window_size": getattr(config, "window_size", None),
+                  "heads": config.num_heads, "patch_features": features,
+                  "window_size": getattr(config, "window_size", None),
                   "fullatt_block_indexes": getattr(config, "fullatt_block_indexes", None),
                   "merged_out": getattr(config, "out_hidden_size", None) or config.hidden_size})
 
@@ -126,7 +128,8 @@ def siglip_tower(batch: int, smoke: bool) -> Tower:
         return {"pixel_values": torch.randn(batch, 3, side, side, device=device, dtype=dtype)}
 
     grid = side // config.patch_size
-    return Tower(f"siglip {'tiny' if smoke else 'so400m'} b{batch}", "siglip", lambda: SiglipVisionModel(config), inputs,
+    name = f"siglip {'tiny' if smoke else 'so400m'} b{batch}"
+    return Tower(name, "siglip", lambda: SiglipVisionModel(config), inputs,
                  {"batch": batch, "image_size": side, "patch": config.patch_size, "tokens_per_image": grid * grid,
                   "depth": config.num_hidden_layers, "width": config.hidden_size, "mlp": config.intermediate_size,
                   "heads": config.num_attention_heads})
@@ -161,7 +164,8 @@ def siglip2_tower(batch: int, max_patches: int, smoke: bool, seed: int) -> Tower
         return {"pixel_values": torch.randn(batch, max_patches, features, device=device, dtype=dtype),
                 "pixel_attention_mask": mask, "spatial_shapes": torch.tensor(shapes, device=device)}
 
-    return Tower(f"siglip2 {'tiny' if smoke else 'so400m'} naflex b{batch}", "siglip2", lambda: Siglip2VisionModel(config), inputs,
+    name = f"siglip2 {'tiny' if smoke else 'so400m'} naflex b{batch}"
+    return Tower(name, "siglip2", lambda: Siglip2VisionModel(config), inputs,
                  {"batch": batch, "max_patches": max_patches, "spatial_shapes": shapes,
                   "real_patches": sum(h * w for h, w in shapes), "depth": config.num_hidden_layers,
                   "width": config.hidden_size, "mlp": config.intermediate_size, "heads": config.num_attention_heads,
@@ -266,7 +270,8 @@ class Provider:
 
 PROVIDERS: dict[str, Provider] = {
     "finevit": Provider(lambda m, t: (_set_unpatched(m, t, "sdpa"), apply_finevit_kernels(m)),
-                        "apply_finevit_kernels(model): attention (+ fused RoPE) and patch embedding on finevit.kernels"),
+                        "apply_finevit_kernels(model): attention (+ fused RoPE) and patch embedding on "
+                        "finevit.kernels"),
     "finevit_attn": Provider(lambda m, t: (_set_unpatched(m, t, "sdpa"), apply_finevit_kernels(m, patch_embed=False)),
                              "apply_finevit_kernels(model, patch_embed=False): attention only"),
     "sdpa": Provider(lambda m, t: _set_unpatched(m, t, "sdpa"),
@@ -330,7 +335,8 @@ def _progress_line(record: dict) -> str:
     head = f"{record['case']:<22} {record['mode']:<8} {record['provider']:<18}"
     if record["status"] != "ok":
         return f"{head} {record['status']}: {record['reason']}"
-    line = f"{head} {record['ms']:9.3f} ms ({record['ms_q20']:.3f}-{record['ms_q80']:.3f}) {record['throughput']:7.2f} TFLOP/s"
+    line = (f"{head} {record['ms']:9.3f} ms ({record['ms_q20']:.3f}-{record['ms_q80']:.3f}) "
+            f"{record['throughput']:7.2f} TFLOP/s")
     if record.get("peak_mem_mib") is not None:
         line += f"  peak +{record['peak_mem_mib']:.0f} MiB"
     return line
@@ -425,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
             model = tower.build().to(dtype).train()
         inputs = tower.inputs(device, dtype)
         results += harness.run_providers(
-            providers, lambda name, ours_out: run_provider(name, tower, model, inputs, modes, device, flop,
+            providers, lambda name, ours_out: run_provider(name, tower, model, inputs, modes, device, flop,  # noqa: B023
                                                            run.ceilings["matmul"]["tflops"], ours_out),
             OURS, _progress_line)
         revert_finevit_kernels(model)

@@ -74,10 +74,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import _harness as harness
 import torch
 import torch.nn.functional as F
 
-import _harness as harness
 import finevit.kernels as K
 from finevit.kernels import reference
 
@@ -568,9 +568,11 @@ def check_targets(results: list[dict], cases: list[dict], probes: list[dict]) ->
 def _print_checks(checks: list[dict], smoke: bool) -> None:
     print("\nTargets (issue 4; H100, bf16)" + (": CPU smoke run, evaluated on its tiny sizes, meaningless" if smoke
                                                 else ":"))
+    def number(v):
+        return f"{v:,}" if isinstance(v, int) else f"{v:.3g}"
+
     for c in checks:
         status = {True: "met", False: "NOT MET", None: "not measured"}[c["met"]]
-        number = (lambda v: f"{v:,}" if isinstance(v, int) else f"{v:.3g}")
         value = "-" if c["value"] is None else number(c["value"])
         print(f"  {c['name']:<66} {value:>9}  ({c.get('op', '≥')} {number(c['threshold'])})  {status:<12} "
               f"{c['detail']}")

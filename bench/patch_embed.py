@@ -52,10 +52,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import product
 
+import _harness as harness
 import torch
 import torch.nn.functional as F
 
-import _harness as harness
 import finevit.kernels as K
 from finevit.kernels import reference
 
@@ -384,8 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         payload["cases"].append(case)
         inputs = make_inputs(images, grid, patch, dim, dtype, run.device, seed=run.args.seed)
         results += harness.run_providers(
-            providers, lambda name, ours_out: run_provider(name, inputs, case, modes, run.device, run.ceilings,
-                                                           ours_out),
+            providers, lambda name, ours_out: run_provider(name, inputs, case, modes, run.device,  # noqa: B023 (run now)
+                                                           run.ceilings, ours_out),
             OURS, _progress_line, autotune, case["case"])
         inputs = None  # frees it (the lambda's cell) before free_memory
         harness.free_memory(run.device)

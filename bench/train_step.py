@@ -94,12 +94,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import _harness as harness
 import torch
 import torch.nn.functional as F
+from attention import mixed_workload
 from torch import nn
 
-import _harness as harness
-from attention import mixed_workload
 from finevit import kernels
 from finevit.model import FineViT, FineViTConfig
 
@@ -401,7 +401,7 @@ def fastest_sdpa_backend(shape: tuple[int, int] | None, config: FineViTConfig,
                            requires_grad=True) for _ in range(3))
     timings: dict[str, float | None] = {}
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
-        def forward(backend=getattr(SDPBackend, name)):
+        def forward(backend=getattr(SDPBackend, name)):  # noqa: B008 (binds this iteration's backend)
             with _sdpa_context([backend]):
                 return F.scaled_dot_product_attention(q, k, v)
         try:

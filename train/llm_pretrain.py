@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from finevit.data.conversations import SequenceBuilder, prepare_tokenizer, sample_turns  # noqa: E402
-from finevit.data.sample import parse_annotation, BadSampleError  # noqa: E402
+from finevit.data.sample import BadSampleError, parse_annotation  # noqa: E402
 from finevit.data.shards import expand_shards, read_shard  # noqa: E402
 from finevit.model.vlm import build_llm  # noqa: E402
 
@@ -95,8 +95,12 @@ def pretrain(out: Path, tokenizer_dir: Path, train_shards: str, *, architecture:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.95))
     warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    def lr_factor(s: int) -> float:  # linear warmup, then cosine decay to 0
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     order = np.random.default_rng(seed + 1).permutation(len(sequences))
     print(f"[llm_pretrain] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter {architecture} on "
           f"{len(annotations)} annotations' text, {steps} steps of {batch_size} sequences -> {out}", flush=True)

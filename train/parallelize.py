@@ -62,19 +62,20 @@ def transformer_blocks(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
 def vlm_blocks(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
     """(container, index) of every FineViT block and every LLM decoder layer of a VisionLanguageModel."""
     layers = model.llm.get_decoder().layers
-    return [(model.vision.blocks, i) for i in range(len(model.vision.blocks))] + [(layers, i) for i in range(len(layers))]
+    vision = model.vision.blocks
+    return [(vision, i) for i in range(len(vision))] + [(layers, i) for i in range(len(layers))]
 
 
 def apply_activation_checkpointing(model: nn.Module, blocks: list | None = None) -> None:
     """Full activation checkpointing: each block's activations are recomputed in the backward."""
-    for blocks, i in (transformer_blocks(model) if blocks is None else blocks):
-        blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
+    for container, i in (transformer_blocks(model) if blocks is None else blocks):
+        container[i] = checkpoint_wrapper(container[i], preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module, blocks: list | None = None, fullgraph: bool = True) -> None:
     """torch.compile each block: the blocks of a tower share one compiled graph."""
-    for blocks, i in (transformer_blocks(model) if blocks is None else blocks):
-        blocks[i] = torch.compile(blocks[i], fullgraph=fullgraph)
+    for container, i in (transformer_blocks(model) if blocks is None else blocks):
+        container[i] = torch.compile(container[i], fullgraph=fullgraph)
 
 
 def mixed_precision(param_dtype: str, reduce_dtype: str, device: torch.device) -> MixedPrecisionPolicy:

@@ -45,13 +45,18 @@ from finevit.data.text import save_tokenizer  # noqa: E402
 from finevit.model import FineCLIP  # noqa: E402
 from train import config as C  # noqa: E402
 from train.checkpoint import ModelState, OptimizerState  # noqa: E402
-from train.common import (DataStream, TrainerBase, build_optimizer, clip_grad_norm_, data_paths,  # noqa: E402
-                          ensure_dataset, lr_factor, run)
-from train.metrics import (GPUMonitor, Meter, MetricsWriter, format_seconds, peak_flops,  # noqa: E402
-                           sequence_lengths, training_flops)
+from train.common import (  # noqa: E402
+    DataStream,
+    TrainerBase,
+    build_optimizer,
+    clip_grad_norm_,
+    data_paths,
+    ensure_dataset,
+    lr_factor,
+    run,
+)
+from train.metrics import GPUMonitor, Meter, MetricsWriter, format_seconds, peak_flops, sequence_lengths, training_flops  # noqa: E402
 from train.parallelize import ContrastiveModel, materialize, parallelize  # noqa: E402
-
-
 
 # ----------------------------------------------------------------------------------------------------
 # Forward and backward over a step's micro-batches
@@ -140,7 +145,8 @@ class Trainer(TrainerBase):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
 
         # Checkpoints: load the latest complete one.
-        self.setup_checkpoints({"model": ModelState(self.model), "optimizer": OptimizerState(self.model, self.optimizer)})
+        self.setup_checkpoints({"model": ModelState(self.model),
+                                "optimizer": OptimizerState(self.model, self.optimizer)})
 
         # Metrics.
         self.peak_flops, self.peak_note = peak_flops(self.device)

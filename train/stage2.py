@@ -58,10 +58,25 @@ from finevit.model import FineCLIP, FineViT  # noqa: E402
 from finevit.model.pretrained import CONFIG_NAME  # noqa: E402
 from finevit.model.vlm import IGNORE_INDEX, VisionLanguageModel, build_llm, load_llm, merged_token_counts  # noqa: E402
 from train.checkpoint import ModelState, OptimizerState  # noqa: E402
-from train.common import (DataStream, TrainerBase, build_optimizer, clip_grad_norm_, data_paths,  # noqa: E402
-                          ensure_dataset, lr_factor, run)
-from train.metrics import (GPUMonitor, Meter, MetricsWriter, format_seconds, peak_flops,  # noqa: E402
-                           sequence_lengths, vlm_training_flops)
+from train.common import (  # noqa: E402
+    DataStream,
+    TrainerBase,
+    build_optimizer,
+    clip_grad_norm_,
+    data_paths,
+    ensure_dataset,
+    lr_factor,
+    run,
+)
+from train.metrics import (  # noqa: E402
+    GPUMonitor,
+    Meter,
+    MetricsWriter,
+    format_seconds,
+    peak_flops,
+    sequence_lengths,
+    vlm_training_flops,
+)
 from train.parallelize import parallelize_vlm  # noqa: E402
 from train.stage2_config import Stage2Config, encoder_config  # noqa: E402
 
@@ -365,7 +380,8 @@ class Trainer(TrainerBase):
                 path.write_text(json.dumps(result, indent=2) + "\n")
                 self.eval_seconds += time.perf_counter() - started
                 print(f"[stage2] initial encoder: local-perception probe mean accuracy "
-                      f"{100 * result['probe']['mean_accuracy']:.1f}% ({format_seconds(time.perf_counter() - started)})",
+                      f"{100 * result['probe']['mean_accuracy']:.1f}% "
+                      f"({format_seconds(time.perf_counter() - started)})",
                       flush=True)
         dist.barrier()
         return result
@@ -506,7 +522,8 @@ def evaluation_table(final: dict, initial: dict) -> list[str]:
             f"  grounding: accuracy at IoU >= 0.5 {pct(final['regions/grounding/accuracy_iou50']).strip()}, "
             f"mean IoU {final['regions/grounding/mean_iou']:.3f}"]
     before = initial.get("probe", {})
-    rows += ["", f"{'local-perception probe (linear, box-pooled patches)':<52}{'before':>8}{'after':>8}{'majority':>10}"]
+    title = "local-perception probe (linear, box-pooled patches)"
+    rows += ["", f"{title:<52}{'before':>8}{'after':>8}{'majority':>10}"]
     for key in sorted(k for k in final if k.startswith("probe/") and k.endswith("/accuracy")):
         name = key[len("probe/"):-len("/accuracy")]
         b = before.get(f"{name}/accuracy")

@@ -17,8 +17,22 @@ import typing
 from dataclasses import dataclass, field
 
 from finevit.model import FineViTConfig
-from train.config import (CHOICES, ActivationCheckpoint, Checkpoint, Compile, ConfigError, Data, Debug, Job,
-                          LRScheduler, Metrics, Optimizer, Parallelism, Training, validate_common)
+from train.config import (
+    CHOICES,
+    ActivationCheckpoint,
+    Checkpoint,
+    Compile,
+    ConfigError,
+    Data,
+    Debug,
+    Job,
+    LRScheduler,
+    Metrics,
+    Optimizer,
+    Parallelism,
+    Training,
+    validate_common,
+)
 
 
 @dataclass

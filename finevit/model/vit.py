@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from finevit import kernels
-from finevit.kernels.attention import SUPPORTED_HEAD_DIMS
 from finevit.kernels import pad_packed
+from finevit.kernels.attention import SUPPORTED_HEAD_DIMS
 
 from .pretrained import Pretrained
 

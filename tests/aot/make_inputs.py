@@ -79,7 +79,8 @@ def main(argv=None) -> int:
             expected = reference.varlen_attention(q.double(), k.double(), v.double(), cu, max(lengths), **tables)
             case = f"attention_{dtype_name}_d{head_dim}{'_rope' if rope else ''}"
             files = {"qkv": _save(args.out, f"{case}_qkv", qkv), "cu": _save(args.out, f"{case}_cu", cu),
-                     "ref": _save(args.out, f"{case}_ref", expected), "finevit": _save(args.out, f"{case}_finevit", result)}
+                     "ref": _save(args.out, f"{case}_ref", expected),
+                     "finevit": _save(args.out, f"{case}_finevit", result)}
             if rope:
                 files |= {"cos": _save(args.out, f"{case}_cos", cos), "sin": _save(args.out, f"{case}_sin", sin)}
             lines.append(f"attention name={case} dtype={dtype_name} head_dim={head_dim} heads={heads} tokens={tokens} "
@@ -109,9 +110,11 @@ def main(argv=None) -> int:
         weight = (torch.randn(width, features, device=device) * features ** -0.5).to(dtype)
         bias = torch.randn(width, device=device).to(dtype) if has_bias else None
         result = K.patch_embed(patches, weight, bias, mean=mean, std=std)
-        expected = reference.patch_embed(patches, weight.double(), bias.double() if has_bias else None, mean=mean, std=std)
+        bias64 = bias.double() if has_bias else None
+        expected = reference.patch_embed(patches, weight.double(), bias64, mean=mean, std=std)
         case = f"patch_embed_{dtype_name}_p{patch}{'_bias' if has_bias else ''}"
-        files = {"patches": _save(args.out, f"{case}_patches", patches), "weight": _save(args.out, f"{case}_weight", weight),
+        files = {"patches": _save(args.out, f"{case}_patches", patches),
+                 "weight": _save(args.out, f"{case}_weight", weight),
                  "ref": _save(args.out, f"{case}_ref", expected), "finevit": _save(args.out, f"{case}_finevit", result)}
         if has_bias:
             files["bias"] = _save(args.out, f"{case}_bias", bias)

@@ -3,9 +3,10 @@
     python tests/aot/python_launches.py MANIFEST '[[TARGET, OP, ARGS...], ...]'   (ARGS as launch_calls.cpp's)
 
 Runs the launcher on CPU tensors with `compile_check.record` (nothing runs; needs TRITON_INTERPRET unset, which
-is why this is a separate process) and prints, per case, a list with one dict per launch: the kernel, the table entry the C runtime must
-pick (its cubin size, block, shared memory), the grid under that entry's tiles, and every argument: ints and
-floats as passed, tensors as the address the C side uses for them (launch_calls.cpp's fixed addresses),
+is why this is a separate process) and prints, per case, a list with one dict per launch: the kernel, the table
+entry the C runtime must pick (its cubin size, block, shared memory), the grid under that entry's tiles, and
+every argument: ints and floats as passed, tensors as the address the C side uses for them (launch_calls.cpp's
+fixed addresses),
 "workspace" for the buffers the C runtime places in its workspace, "rotated:i" for the output of the i-th RoPE
 launch. Autotune-key arguments (buckets) are left out: the C runtime passes 0.
 """

@@ -22,7 +22,8 @@ def test_readme_performance_section_is_generated_from_the_committed_results():
 def smoke_results(tmp_path: Path) -> Path:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     env.pop("FINEVIT_KERNELS", None)
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "patch_embed.py"), "--cpu-smoke", "--out", str(tmp_path)],
+    command = [sys.executable, str(REPO / "bench" / "patch_embed.py"), "--cpu-smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(command,
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (path,) = tmp_path.glob("patch_embed_cpu_*.json")

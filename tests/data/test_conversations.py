@@ -4,9 +4,21 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from finevit.data.conversations import (IGNORE_INDEX, SPECIAL_TOKENS, TASKS, SequenceBuilder, box_iou, build_batch,
-                                        format_box, global_caption_turn, grounding_turn, parse_box,
-                                        prepare_tokenizer, region_caption_turn, sample_turns)
+from finevit.data.conversations import (
+    IGNORE_INDEX,
+    SPECIAL_TOKENS,
+    TASKS,
+    SequenceBuilder,
+    box_iou,
+    build_batch,
+    format_box,
+    global_caption_turn,
+    grounding_turn,
+    parse_box,
+    prepare_tokenizer,
+    region_caption_turn,
+    sample_turns,
+)
 
 
 @pytest.fixture(scope="module")

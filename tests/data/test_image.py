@@ -13,8 +13,19 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from finevit.data import image as image_module
-from finevit.data.image import (BadImageError, ImageConfig, boxes_to_grid, decode_image, grid_positions,
-                                load_resized, patchify, preprocess_image, smart_resize, target_size, unpatchify)
+from finevit.data.image import (
+    BadImageError,
+    ImageConfig,
+    boxes_to_grid,
+    decode_image,
+    grid_positions,
+    load_resized,
+    patchify,
+    preprocess_image,
+    smart_resize,
+    target_size,
+    unpatchify,
+)
 
 from .helpers import encode, random_rgb, smooth_rgb
 

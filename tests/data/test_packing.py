@@ -14,8 +14,9 @@ from finevit.data.text import TextTokenizer
 from .test_text import _word_tokenizer
 
 
-def embedded_lengths(count: int = 5000, config: ImageConfig = ImageConfig()) -> list[int]:
+def embedded_lengths(count: int = 5000, config: ImageConfig | None = None) -> list[int]:
     """Patch counts of the embedded train split's images (the generator's own size draws)."""
+    config = config or ImageConfig()
     synth = SynthConfig()
     lengths = []
     for index in range(count):

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from finevit.eval.metrics import (classification_metrics, hard_negative_credit, ranking_metrics,
-                                  retrieval_metrics)
+from finevit.eval.metrics import classification_metrics, hard_negative_credit, ranking_metrics, retrieval_metrics
 
 
 def test_a_perfect_model_scores_recall_one_and_rank_one():

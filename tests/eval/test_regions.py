@@ -49,6 +49,7 @@ def test_region_features_on_the_synthetic_dataset(tmp_path):
     expected = []
     for _, _, notes, batch in iter_image_batches(str(root / "val" / "val-000000.tar"), config, 16384, 8):
         for i, note in enumerate(notes):
-            _, cells = boxes_to_grid(np.asarray([r["bbox"] for r in note["regions"]]), tuple(batch["grid_hw"][i].tolist()))
+            boxes = np.asarray([r["bbox"] for r in note["regions"]])
+            _, cells = boxes_to_grid(boxes, tuple(batch["grid_hw"][i].tolist()))
             expected += [[(r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2] for r0, c0, r1, c1 in cells.tolist()]
     torch.testing.assert_close(features, torch.tensor(expected, dtype=torch.float32))

@@ -11,9 +11,9 @@ import finevit.kernels
 from finevit.integrations import apply_finevit_kernels
 
 # Errors are max |Δ| / max |float64 reference| (floored at 1% of the largest reference of the same kind,
-# outputs or gradients: some gradients are exactly zero, e.g. of the key bias, which softmax ignores). float32 follows STYLE.md's rule (the patched model's error
-# against the float64 model at most 2x, 3x for gradients, the unpatched float32 model's error) and the
-# brief's bound; float64 compares the two models directly.
+# outputs or gradients: some gradients are exactly zero, e.g. of the key bias, which softmax ignores). float32
+# follows the kernel tests' rule (the patched model's error against the float64 model at most 2x, 3x for
+# gradients, the unpatched float32 model's error) and the brief's bound; float64 compares the two models directly.
 FP32_FACTOR = {"output": 2.0, "gradient": 3.0}
 FP32_MAX_ERROR = 1e-5
 FP64_MAX_ERROR = 1e-10

@@ -73,7 +73,7 @@ def test_qwen2_5_vl_keeps_window_attention_and_fuses_rope(monkeypatch):
     _, window_cu = modeling_qwen2_5_vl.get_vision_window_index(
         torch.tensor(GRID_THW), spatial_merge_size=2, window_size=56, patch_size=14)
     windows = window_cu.tolist()
-    for layer, ((q, k, v, cu_seqlens, max_seqlen), kwargs) in enumerate(spy.calls):
+    for layer, ((q, _, _, cu_seqlens, max_seqlen), kwargs) in enumerate(spy.calls):
         full = layer == 1  # fullatt_block_indexes
         assert cu_seqlens.tolist() == (per_image if full else windows)
         assert isinstance(max_seqlen, int) and max_seqlen == (60 if full else 16)
@@ -107,14 +107,17 @@ def test_full_qwen2_vl_model_patches_its_vision_tower():
 
     config = Qwen2VLConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=99, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
+                         num_key_value_heads=1, vocab_size=99,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
         vision_config=dict(depth=1, embed_dim=64, hidden_size=32, num_heads=2))
     model = apply_finevit_kernels(Qwen2VLModel(config))
     assert list(patched_summary(model)) == ["visual"]
 
 
 def test_qwen_towers_with_head_dims_the_kernel_lacks_are_refused():
-    for model, match in ((tiny_qwen2_vl(embed_dim=48), "head_dim 24"), (tiny_qwen2_5_vl(hidden_size=640, num_heads=2), "head_dim 320")):
+    refused = ((tiny_qwen2_vl(embed_dim=48), "head_dim 24"),
+               (tiny_qwen2_5_vl(hidden_size=640, num_heads=2), "head_dim 320"))
+    for model, match in refused:
         with pytest.raises(UnsupportedModelError, match=match):
             apply_finevit_kernels(model)
         assert patched_summary(model) == {} and not any("forward" in m.__dict__ for m in model.modules())

@@ -10,12 +10,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
     SiglipConfig,
     SiglipModel,
     SiglipVisionConfig,
     SiglipVisionModel,
-    Siglip2VisionConfig,
-    Siglip2VisionModel,
 )
 
 from finevit.integrations import (  # noqa: E402

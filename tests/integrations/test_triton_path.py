@@ -13,7 +13,8 @@ pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
 from .helpers import KernelSpy, assert_patched_matches  # noqa: E402
-from .test_qwen2_vl import qwen_inputs, run as run_qwen, tiny_qwen2_5_vl  # noqa: E402
+from .test_qwen2_vl import qwen_inputs, tiny_qwen2_5_vl  # noqa: E402
+from .test_qwen2_vl import run as run_qwen
 from .test_timm_vit import tiny_vit  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

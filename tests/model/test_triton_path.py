@@ -37,8 +37,10 @@ def test_fineclip_step_on_triton_kernels_matches_the_reference(monkeypatch):
     model = FineCLIP(config)
     model.init_weights()
     model.to(DEVICE)
-    images = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in make_image_batch([(3, 5), (2, 2), (4, 3)], config.vision.patch_features).items()}
-    texts = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in make_text_batch([7, 3, 12], config.text.vocab_size).items()}
+    images = make_image_batch([(3, 5), (2, 2), (4, 3)], config.vision.patch_features)
+    images = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in images.items()}
+    texts = make_text_batch([7, 3, 12], config.text.vocab_size)
+    texts = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in texts.items()}
 
     monkeypatch.setenv("FINEVIT_KERNELS", "reference")
     ref_loss, ref_grads = step(model, images, texts)
@@ -47,4 +49,4 @@ def test_fineclip_step_on_triton_kernels_matches_the_reference(monkeypatch):
 
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -6,8 +6,14 @@ import torch
 
 from finevit.kernels.utils import cu_seqlens_from_lengths
 from finevit.model import FineViT, FineViTConfig
-from finevit.model.vlm import (PatchMerger, VisionLanguageModel, build_llm, insert_image_embeddings, merge_index,
-                               merged_token_counts)
+from finevit.model.vlm import (
+    PatchMerger,
+    VisionLanguageModel,
+    build_llm,
+    insert_image_embeddings,
+    merge_index,
+    merged_token_counts,
+)
 
 GRIDS = [(3, 5), (2, 2), (1, 1), (4, 3)]  # odd heights and widths, a single patch
 

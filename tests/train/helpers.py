@@ -49,7 +49,8 @@ def torchrun(args: list[str], nproc: int = 2, launcher: list[str] | None = None,
                str(script), *args]
     result = run_group(command, timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        raise AssertionError(f"torchrun failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
 
 

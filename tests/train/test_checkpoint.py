@@ -12,8 +12,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from finevit.model import FineCLIP
-from tests.train.helpers import (REPO, STAGE1, TINY, all_train_records, finish_group, free_port, start_group,
-                                 torchrun, train_records)
+from tests.train.helpers import (
+    REPO,
+    STAGE1,
+    TINY,
+    all_train_records,
+    finish_group,
+    free_port,
+    start_group,
+    torchrun,
+    train_records,
+)
 from tests.train.test_fsdp_step import make_micro_batches, small_config
 
 

@@ -55,7 +55,8 @@ def test_command_line_overrides_the_file_which_overrides_the_defaults(tmp_path):
     path.write_text('[optimizer]\nlr = 0.02\nbetas = [0.8, 0.9]\n[training]\nsteps = 7\n'
                     '[model.vision]\ndepth = 1\n')
     cfg = C.parse_args(["--config", str(path), "--training.steps", "9", "--model.vision.width=96",
-                        "--model.vision.num_heads=3", "--checkpoint.enable=false", "--eval.tasks=retrieval,hard_negatives",
+                        "--model.vision.num_heads=3", "--checkpoint.enable=false",
+                        "--eval.tasks=retrieval,hard_negatives",
                         "--model.init_logit_bias=-5", "--job.deterministic"])
     assert cfg.optimizer.lr == 0.02 and cfg.optimizer.betas == (0.8, 0.9)
     assert cfg.training.steps == 9 and cfg.checkpoint.enable is False and cfg.job.deterministic is True

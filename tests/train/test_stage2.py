@@ -68,7 +68,8 @@ def test_stage2_trains_with_the_llm_frozen_evaluates_exports_and_resumes(tmp_pat
     final = json.loads((run_dir / "eval" / "step-3.json").read_text())
     initial = json.loads((run_dir / "eval" / "initial.json").read_text())
     for key in ("regions/caption/all_attributes_accuracy", "regions/grounding/accuracy_iou50",
-                "probe/mean_accuracy", "probe/color/accuracy", "retrieval/val/zeroshot_retrieval/image_retrieval_recall@1"):
+                "probe/mean_accuracy", "probe/color/accuracy",
+                "retrieval/val/zeroshot_retrieval/image_retrieval_recall@1"):
         assert 0.0 <= final[key] <= 1.0, key
     assert final["regions/regions"] == 6
     assert 0.0 <= initial["probe"]["mean_accuracy"] <= 1.0 and "retrieval" in initial
@@ -78,7 +79,8 @@ def test_stage2_trains_with_the_llm_frozen_evaluates_exports_and_resumes(tmp_pat
     pretrained_llm = load_file(str(llm_dir / "model.safetensors"))
     assert exported_llm.keys() == pretrained_llm.keys()
     assert all(torch.equal(exported_llm[k], pretrained_llm[k]) for k in exported_llm)
-    start, aligned = FineCLIP.from_pretrained(stage1_clip).vision, FineViT.from_pretrained(run_dir / "export" / "vision")
+    start = FineCLIP.from_pretrained(stage1_clip).vision
+    aligned = FineViT.from_pretrained(run_dir / "export" / "vision")
     moved = [k for k, v in aligned.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
     assert moved and not any(k.startswith("head.") for k in moved)  # the pooling head stays as stage 1 left it
     # The export is usable by stage-1 evaluation as is.
@@ -95,8 +97,8 @@ def test_stage2_trains_with_the_llm_frozen_evaluates_exports_and_resumes(tmp_pat
 
 
 def test_freeze_schedules_select_the_trained_parameters():
-    from finevit.model.vlm import VisionLanguageModel, build_llm
     from finevit.model import FineViTConfig
+    from finevit.model.vlm import VisionLanguageModel, build_llm
 
     vision = FineViT(FineViTConfig.from_name("tiny", width=64, depth=1, num_heads=2, mlp_dim=64))
     llm = build_llm(64, "qwen2", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -138,9 +140,9 @@ def test_gpu_config_and_embedded_default():
 
 
 def test_the_encoder_learning_rate_scale_gives_the_encoder_its_own_groups():
-    from train.common import build_optimizer
-    from finevit.model.vlm import VisionLanguageModel, build_llm
     from finevit.model import FineViTConfig
+    from finevit.model.vlm import VisionLanguageModel, build_llm
+    from train.common import build_optimizer
 
     vision = FineViT(FineViTConfig.from_name("tiny", width=64, depth=1, num_heads=2, mlp_dim=64))
     llm = build_llm(64, "qwen2", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
