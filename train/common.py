@@ -419,7 +419,7 @@ class TrainerBase:
             self.writer.close()
 
     def close(self) -> None:
-        dist.barrier()  # a gloo exit right after collectives can abort without it (docs/design.md)
+        dist.barrier()  # a gloo exit right after collectives can abort without it
         dist.destroy_process_group()
 
 
