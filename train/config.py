@@ -74,6 +74,7 @@ class Data:
     max_images: int = 256  # at most this many images per micro-batch per rank
     min_pixels: int = 32 * 32  # smallest resized image (H·W pixels)
     max_pixels: int = 96 * 96  # largest resized image; native resolution below it, aspect ratio kept
+    square_side: int = 0  # 0: native resolution (min/max_pixels); N: every image squashed to N×N (aspect not kept)
     merge_size: int = 1  # resized sides are multiples of patch_size·merge_size (2 for stage 2's merger)
     short_caption_prob: float = 0.0  # fraction of samples trained on the short caption instead of the dense one
     num_workers: int = 1  # DataLoader worker processes per rank (0: load in the training process)

@@ -117,7 +117,8 @@ class Trainer(TrainerBase):
         self.tokenizer.check_vocab(self.model_config.text.vocab_size)
         d = cfg.data
         self.image_config = ImageConfig.for_model(self.model_config.vision, min_pixels=d.min_pixels,
-                                                  max_pixels=d.max_pixels, merge_size=d.merge_size)
+                                                  max_pixels=d.max_pixels, merge_size=d.merge_size,
+                                                  square_side=d.square_side)
         if self.is_main:  # beside the checkpoints, so any checkpoint is usable with the same preprocessing
             self.image_config.save(self.run_dir)
             save_tokenizer(self.tokenizer.tokenizer, self.run_dir / "tokenizer")

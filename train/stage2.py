@@ -210,7 +210,7 @@ class Trainer(TrainerBase):
         self.builder = SequenceBuilder(self.tokenizer, cfg.tasks.max_length)
         d = cfg.data
         self.image_config = ImageConfig.for_model(vision.config, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-                                                  merge_size=d.merge_size)
+                                                  merge_size=d.merge_size, square_side=d.square_side)
         if self.is_main:
             self.image_config.save(self.run_dir)
             save_tokenizer(self.tokenizer, self.run_dir / "tokenizer")

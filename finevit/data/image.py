@@ -1,7 +1,8 @@
 """Native-resolution image preprocessing: decode → smart_resize → antialiased resize → patchify → boxes.
 
     bytes ── header: upright size ── target_size (rejects degenerate images; smart_resize picks (H, W):
-          multiples of patch_size·merge_size, pixels in [min_pixels, max_pixels], aspect kept)
+          multiples of patch_size·merge_size, pixels in [min_pixels, max_pixels], aspect kept; or, with
+          square_side set, (square_side, square_side) as a fixed-resolution encoder sees it)
           ── decode (JPEG: DCT-domain downscale), mode rule, EXIF orientation ── antialiased resize
           ── uint8 (3, H, W) ── patchify ──> uint8 (gh·gw, 3·P·P), grid (gh, gw)
 
@@ -88,6 +89,8 @@ class ImageConfig:
     max_aspect: float = 200.0  # images with max(H, W) / min(H, W) above this are rejected (Qwen2-VL's limit)
     resample: str = "bicubic"  # "bicubic" (Qwen2-VL) or "bilinear" (SigLIP 2); always antialiased
     draft: bool = True  # let libjpeg downscale large JPEGs in the DCT domain before the resize
+    square_side: int = 0  # 0: native resolution (smart_resize, aspect kept); N: every image resized to N×N
+    #                       (aspect not kept, min/max_pixels unused), as fixed-resolution encoders (CLIP, SigLIP) do
 
     def __post_init__(self):
         if self.patch_size < 1 or self.merge_size < 1:
@@ -103,6 +106,9 @@ class ImageConfig:
         if self.max_aspect < 1 or self.min_side < 1:
             raise ValueError(f"ImageConfig: need max_aspect >= 1 and min_side >= 1, got {self.max_aspect}, "
                              f"{self.min_side}")
+        if self.square_side < 0 or self.square_side % self.factor:
+            raise ValueError(f"ImageConfig: square_side must be 0 (native resolution) or a positive multiple of "
+                             f"patch_size·merge_size = {self.factor}, got {self.square_side}")
 
     @property
     def factor(self) -> int:
@@ -112,7 +118,10 @@ class ImageConfig:
     @property
     def max_patches(self) -> int:
         """Patches of an image resized to max_pixels, what a token budget must hold. (smart_resize can exceed
-        it only for extreme aspect ratios, where a side is raised to one factor; the loader skips those.)"""
+        it only for extreme aspect ratios, where a side is raised to one factor; the loader skips those.)
+        With square_side set, every image has exactly (square_side / patch_size)² patches."""
+        if self.square_side:
+            return (self.square_side // self.patch_size) ** 2
         return max(self.max_pixels, self.factor**2) // self.patch_size**2
 
     @classmethod
@@ -168,7 +177,9 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
 def target_size(height: int, width: int, config: ImageConfig) -> tuple[int, int]:
     """Validate an (upright) image size against `config` and return its resized (H, W).
 
-    Raises BadImageError("too_small" | "bad_aspect") for degenerate images, e.g. 1×1 or 20000×50.
+    Raises BadImageError("too_small" | "bad_aspect") for degenerate images, e.g. 1×1 or 20000×50 (in both
+    modes, so native and square runs see the same images). With `config.square_side` set the size is
+    (square_side, square_side), aspect not kept (min_pixels / max_pixels unused); else smart_resize's.
     """
     if min(height, width) < config.min_side:
         raise BadImageError("too_small", f"image is {height}x{width}, a side is below min_side={config.min_side}")
@@ -176,6 +187,8 @@ def target_size(height: int, width: int, config: ImageConfig) -> tuple[int, int]
     if aspect > config.max_aspect:
         raise BadImageError("bad_aspect", f"image is {height}x{width}, aspect ratio {aspect:.1f} exceeds "
                                           f"max_aspect={config.max_aspect}")
+    if config.square_side:
+        return config.square_side, config.square_side
     return smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
 
 

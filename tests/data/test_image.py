@@ -133,6 +133,27 @@ def test_preprocess_image_grid_follows_smart_resize():
     assert grid == (h // 16, w // 16) and patches.shape == (grid[0] * grid[1], 3 * 16 * 16)
 
 
+def test_square_side_squashes_every_image_to_one_square_and_native_keeps_the_aspect():
+    data = encode(smooth_rgb(48, 96))
+    square = ImageConfig(patch_size=16, merge_size=2, square_side=32)
+    assert target_size(48, 96, square) == (32, 32) and square.max_patches == 4
+    assert load_resized(data, square).shape == (3, 32, 32)
+    patches, grid = preprocess_image(data, square)
+    assert grid == (2, 2) and patches.shape == (4, 3 * 16 * 16)
+    native = ImageConfig(patch_size=16, merge_size=2, min_pixels=32 * 32, max_pixels=64 * 64)
+    _, grid = preprocess_image(data, native)
+    assert grid[1] == 2 * grid[0]  # 48×96 keeps its 1:2 aspect
+    with pytest.raises(BadImageError) as thin:  # the same images are rejected in both modes
+        target_size(2, 96, square)
+    assert thin.value.reason == "too_small"
+
+
+@pytest.mark.parametrize("side", [20, -16, 16])  # 16: a multiple of patch_size but not of patch_size·merge_size
+def test_square_side_must_be_a_multiple_of_the_factor(side):
+    with pytest.raises(ValueError, match="square_side"):
+        ImageConfig(patch_size=16, merge_size=2, square_side=side)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Decoding rules
 # ----------------------------------------------------------------------------------------------------
