@@ -5,7 +5,8 @@ Its metrics are not checked for quality (4 steps learn nothing), only for being 
 import json
 import sys
 
-from tests.train.helpers import run_group
+from tests.train.helpers import REPO, run_group
+from train.fidelity import README_END, README_START, readme_block
 
 ARMS = {"dense", "short", "square", "stage2", "dense_before_stage2"}
 
@@ -38,7 +39,20 @@ def test_smoke_experiment_writes_every_arm_and_comparison(tmp_path, synth_root):
     assert "| (a) |" in summary and "| (b) |" in summary and "| (c) |" in summary
     assert (out / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # Run again: every arm is reused, nothing retrains.
-    again = run_group(command, timeout=120)
+    # Run again: every arm is reused, nothing retrains, the training time is kept; --readme rewrites the block.
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{README_START}\nstale\n{README_END}\n\nAfter.\n")
+    again = run_group(command + ["--readme", str(readme)], timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert all(run["reused"] for run in json.loads((out / "results.json").read_text())["runs"])
+    rerun = json.loads((out / "results.json").read_text())
+    assert all(run["reused"] for run in rerun["runs"])
+    assert rerun["train_seconds"] == result["train_seconds"] > 0
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("# Title") and text.endswith("After.\n")
+    assert readme_block(rerun) in text
+
+
+def test_readme_claims_table_is_generated_from_the_committed_results():
+    result = json.loads((REPO / "results" / "fidelity" / "results.json").read_text())
+    assert readme_block(result) in (REPO / "README.md").read_text(), \
+        "README's fidelity block is stale: run `python -m train.fidelity --out results/fidelity --readme README.md`"
