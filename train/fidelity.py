@@ -321,11 +321,11 @@ README_END = "<!-- end of fidelity -->"
 
 def readme_block(result: dict) -> str:
     """The README's claims table: each claim of the FineViT recipe, what this experiment measured, and how."""
-    stage1 = result["settings"]
+    settings = result["settings"]
     lines = [README_START,
              f"Measured by `{result['command']}` at commit `{result['commit'][:10]}` on {result['date']}: seeds "
-             f"{result['seeds']}, stage-1 arms {stage1['steps']} steps, stage 2 {stage1['stage2_steps']} steps, "
-             f"native resolution up to {stage1['max_pixels']} pixels vs a {stage1['square_side']}² px square; "
+             f"{result['seeds']}, stage-1 arms {settings['steps']} steps, stage 2 {settings['stage2_steps']} steps, "
+             f"native resolution up to {settings['max_pixels']} pixels vs a {settings['square_side']}² px square; "
              f"{result['train_seconds'] / 60:.0f} min of training on {result.get('machine', 'this machine')}. "
              "Δ is the difference of the arms' means over the seeds, spread the larger of their standard "
              "deviations, in points of accuracy.", "",
