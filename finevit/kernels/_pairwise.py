@@ -1,14 +1,19 @@
 """Shared pieces of the tiled contrastive losses (`siglip_loss.py`, `clip_loss.py`).
 
 Both losses are sums over the pairs (i, j) of a function of the logit z_ij = s·a_i·b_j (+ bias), where a
-are the rows a program owns and b the rows it loops over. The Triton helpers below compute one logit tile
-and add one tile's gradient into an owner's float32 accumulator; the ring helpers move the other side's
-rows around a process group so that no rank ever holds more than two shards, and gradients for those
-rows travel back to their owner with them.
+are the local rows and b the other side's rows. The forward never holds more than a (BLOCK_A, BLOCK_B)
+logit tile (`_dot_tile`). The gradients are two matrix products with the logit gradient G = ∂L/∂(a·bᵀ):
+    d_a = G @ b,   d_b = Gᵀ @ a,
+so `contrastive_gradients` computes G one chunk of rows at a time (a loss-specific Triton kernel that
+recomputes the logits and writes G in the features' dtype, at most `CHUNK_BYTES` of it) and feeds each chunk
+to a tensor-core GEMM (`_matmul_kernel`, fp32 accumulation). The chunk's rows of d_a are finished by one
+GEMM; d_b is accumulated in float32 across chunks, read and written once per chunk (not once per tile,
+which made the previous design's backward slower than a naive loss). Deterministic: no atomics.
+The cost model is in bench/NOTES.md (2026-12-05, loss backward).
 
-Features may have any width D >= 1: the dot products loop over D in BLOCK_D chunks (masked), and the
-owner's gradient (BLOCK_A, D) is accumulated in a float32 buffer in global memory, chunk by chunk, by the
-one program that owns those rows (no atomics: deterministic).
+Features may have any width D >= 1 (masked BLOCK_D chunks). The ring helpers move the other side's rows
+around a process group so that no rank ever holds more than two shards, and gradients for those rows travel
+back to their owner with them.
 """
 
 from __future__ import annotations
@@ -16,16 +21,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
 
+from . import _dispatch
+from ._autotune import autotune, configs
 from ._dispatch import interpreting
 from ._validation import FLOAT_DTYPES, check_tensor, fail
 
+CHUNK_BYTES = 256 * 2**20  # the most logit-gradient memory one chunk may hold
+MIN_CHUNK_ROWS = 1024  # fewer rows per chunk would make d_b's per-chunk float32 read-modify-write dominate
+
 
 def launch_options() -> dict:
-    """Tiles (owner rows, looped rows, feature chunk) and warps, passed to every launch.
+    """Tile (owner rows, other rows, feature chunk) and warps of every logit kernel: the forward ones (one
+    program per BLOCK_A rows, looping over the other side) and the logit-gradient ones (one program per tile
+    of G, a 2D grid: a 1024-row chunk against 16k others is already 2048 programs).
 
-    64 x 128 x 64 with 8 warps is the largest tile of the four loss kernels that compiles for sm_90 without
-    register spills (ptxas report, bf16); a wider looped tile amortizes the owner's gradient read-modify-write.
+    64 x 128 x 64 with 8 warps: the largest tile that compiles for sm_80 and sm_90 without register spills
+    (ptxas, bf16/fp16/fp32); at 128 x 128 the SigLIP gradient's epilogue spills 384-720 B per thread on sm_90.
     """
     if interpreting():  # the interpreter runs a tile as numpy arrays: fewer, larger tiles are faster
         return {"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_D": 64}
@@ -70,16 +83,73 @@ def _dot_tile(A, B, offs_a, offs_b, mask_a, mask_b, dim, stride_a, stride_b,
 
 
 @triton.jit
-def _accumulate_grad(DA, B, g, offs_a, offs_b, mask_a, mask_b, dim, stride_da, stride_b,
-                     BLOCK_D: tl.constexpr):
-    """DA[a, :] += g @ B[b, :] (DA float32, owned by this program; g in B's dtype)."""
-    for d in range(0, dim, BLOCK_D):
-        offs_d = d + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < dim
-        b = tl.load(B + offs_b[:, None] * stride_b + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-        ptr = DA + offs_a[:, None] * stride_da + offs_d[None, :]
-        mask = mask_a[:, None] & mask_d[None, :]
-        tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + tl.dot(g, b), mask=mask)
+def _matmul_kernel(
+    A, B, C,  # C (M, N) (+)= A (M, K) @ B (K, N); any strides for A and B, C's columns contiguous
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+    ACCUMULATE: tl.constexpr,  # C is float32 and the product is added to it; otherwise C is overwritten
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped program order: GROUP_M consecutive row tiles take turns over the column tiles, so the B
+    # columns they share are read from L2 rather than HBM.
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(A + offs_m[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(B + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    c_ptrs = C + offs_m[:, None] * stride_cm + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask, other=0.0)
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), each without register spills or a shared-memory overflow on
+# sm_80 and sm_90 (ptxas; 128 x 256 tiles spill, 4 warps on 128 x 128 spill); the autotuner keeps the
+# fastest per (N, A's layout: G or its transpose).
+_MATMUL_SHAPES = {
+    False: [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3)],
+    True: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3)],  # fp32 operands: twice the bytes
+}
+_matmul_tuned = {fp32: autotune(configs(["BLOCK_M", "BLOCK_N", "BLOCK_K"], shapes), key=["N", "stride_ak"])(
+    _matmul_kernel) for fp32, shapes in _MATMUL_SHAPES.items()}
+_MATMUL_INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+
+
+@triton_op("finevit::contrastive_matmul", mutates_args=("c",))
+def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool) -> None:
+    """c (+)= a @ b with float32 accumulation: a (M, K), b (K, N) in one 16- or 32-bit dtype, any strides
+    (a transposed view costs nothing); c (M, N) with contiguous columns, float32 when `accumulate`."""
+    (m, k), n = a.shape, b.shape[1]
+    if m == 0 or n == 0:
+        return
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _dispatch.launch(
+        _matmul_tuned[a.dtype == torch.float32], _matmul_kernel, grid,
+        a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+        ACCUMULATE=accumulate, GROUP_M=8, interpreter_blocks=_MATMUL_INTERPRETER_BLOCKS,
+    )
+
+
+@matmul_into.register_fake
+def _(a, b, c, accumulate):
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,3 +234,42 @@ def ring_backward(ring: Ring | None, other: torch.Tensor, compute) -> torch.Tens
         if incoming is not None:
             shard = incoming()
     return travelling()  # after W hops: our own shard, with every rank's contribution
+
+
+def chunk_rows(rows: int, other_rows: int, itemsize: int) -> int:
+    """Rows of the local side per logit-gradient chunk: as many as `CHUNK_BYTES` of G holds, at least
+    `MIN_CHUNK_ROWS` (so d_b's float32 read-modify-write stays a small part of each chunk's GEMM), at most
+    `rows`; a multiple of 128 (whole G tiles) unless it is all the rows."""
+    fit = CHUNK_BYTES // max(1, other_rows * itemsize)
+    return min(rows, max(MIN_CHUNK_ROWS, fit // 128 * 128))
+
+
+def contrastive_gradients(ring: Ring | None, own: torch.Tensor, other: torch.Tensor, logit_grad
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_own, d_other) = (G @ other, Gᵀ @ own) over every shard of `other` on the ring, G = ∂L/∂(own·otherᵀ).
+
+    logit_grad(start, stop, shard, owner, g) writes G for own rows [start, stop) against `shard` (the rows
+    of group rank `owner`) into g, a (stop − start, shard rows) tensor of own's dtype, already multiplied
+    by the logit scale. Without a ring, d_own is returned in own's dtype (each chunk's rows are finished by
+    one GEMM); with one, both are float32 (d_own sums every shard, d_other every rank's contribution).
+    """
+    rows = own.shape[0]
+    single = ring is None
+    d_own = torch.empty_like(own) if single else torch.zeros(own.shape, dtype=torch.float32, device=own.device)
+    buffers: dict[tuple[int, int], torch.Tensor] = {}
+
+    def compute(shard, owner, d_shard):
+        chunk = chunk_rows(rows, shard.shape[0], own.element_size())
+        key = (chunk, shard.shape[0])
+        if key not in buffers:
+            buffers.clear()
+            buffers[key] = own.new_empty(key)
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
+            g = buffers[key][: stop - start]
+            logit_grad(start, stop, shard, owner, g)
+            matmul_into(g, shard, d_own[start:stop], not single)
+            matmul_into(g.T, own[start:stop], d_shard, True)
+
+    d_other = ring_backward(ring, other, compute)
+    return d_own, d_other

@@ -7,10 +7,12 @@ Shapes as in `siglip_loss.py` (no bias: a constant shift cancels in a softmax).
 Both directions are the same computation with the roles of the two sides swapped: for each local row a_i,
 the log-sum-exp of s·a_i·b_j over every row j of the other side in the global batch. The forward keeps an
 online max and sum per row (exp2 domain, float32) and writes only the row's LSE, O(B); with a process
-group the b shards travel around a ring and the per-shard LSEs are merged with logaddexp. The backward
-recomputes each tile with the one-hot of the matching pair folded in, so P_ii − 1 cancels in float32:
-    G_ij = grad / (2·B_local) · (exp(z_ij − lse_i) − y_ij)
-    da_i = s Σ_j G_ij b_j (row owners, + ds = Σ G_ij a_i·b_j),   db_j = s Σ_i G_ij a_i (column owners)
+group the b shards travel around a ring and the per-shard LSEs are merged with logaddexp. The gradient
+(`_pairwise.contrastive_gradients`) recomputes each logit tile and writes, a chunk of rows at a time,
+    G_ij = s·grad / (2·B_local) · (exp(z_ij − lse_i) − y_ij)       (the one-hot folded in: P_ii − 1 in float32)
+with each tile's sum of G_ij·a_i·b_j / s (∂L/∂s); then two GEMMs give da = G @ b and db = Gᵀ @ a. Single
+process, both directions share the logits: G_ij = s·grad / (2B) · (P_ij^(img→txt) + P_ij^(txt→img) − 2·y_ij),
+one pass. With a process group each direction is its own pass over the pairs of this rank's loss,
 and b's gradients travel back to their owner with the shard. Values and gradients equal open_clip's
 `ClipLoss(local_loss=True, gather_with_grad=True, rank, world_size)`; the scale gradient is this rank's
 partial sum, so the data-parallel average gives the full-batch gradient.
@@ -24,7 +26,14 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import _dispatch, reference
-from ._pairwise import Ring, _accumulate_grad, _dot_tile, check_contrastive, launch_options, ring_backward, ring_forward
+from ._pairwise import (
+    Ring,
+    _dot_tile,
+    check_contrastive,
+    contrastive_gradients,
+    launch_options,
+    ring_forward,
+)
 
 LN2 = 0.6931471805599453
 
@@ -53,39 +62,30 @@ def _row_lse_kernel(
 
 
 @triton.jit
-def _row_lse_grad_kernel(
-    OWN, OTHER, D_OWN, SCALE, LSE, COEF, DS,  # LSE float32 (log2 domain) per a row; D_OWN, DS float32 +=
-    rows_own, rows_other, dim, stride_own, stride_other, stride_d_own,
+def _clip_logit_grad_kernel(
+    A, B, G, SCALE, LSE_A, LSE_B, COEF, PARTIALS,  # LSE_* float32, log2 domain; PARTIALS float32 (tiles,)
+    rows_a, rows_b, dim, stride_a, stride_b, stride_g,
     diag_offset,  # a row i matches b row j iff i + diag_offset == j
-    OWN_IS_A: tl.constexpr,  # rows pass (own = a: da, ds) or columns pass (own = b: db)
+    BOTH_DIRECTIONS: tl.constexpr,  # add b's softmax over the a rows (LSE_B), as well as a's over the b rows
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)  # rows this program owns
-    mask_a = offs_a < rows_own
+    """One (BLOCK_A, BLOCK_B) tile of G = s·coef·(softmax − onehot), and the tile's sum of g·a·b (∂L/∂s)."""
+    pid_a, pid_b = tl.program_id(0), tl.program_id(1)
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_a, mask_b = offs_a < rows_a, offs_b < rows_b
     scale = tl.load(SCALE).to(tl.float32)
     scale2 = scale * 1.4426950408889634  # the forward's exp2 domain: P_ii = 1 exactly when it should be
-    coef = tl.load(COEF).to(tl.float32)  # grad_output / (2·B_local) of the rank whose loss this is
-    if OWN_IS_A:
-        lse = tl.load(LSE + offs_a, mask=mask_a, other=0.0)
-    ds = tl.zeros([BLOCK_A], dtype=tl.float32)
-    for start in range(0, rows_other, BLOCK_B):
-        offs_b = start + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < rows_other
-        dot = _dot_tile(OWN, OTHER, offs_a, offs_b, mask_a, mask_b, dim, stride_own, stride_other,
-                        BLOCK_A, BLOCK_B, BLOCK_D)
-        if OWN_IS_A:
-            positive = (offs_a[:, None] + diag_offset) == offs_b[None, :]
-            p = tl.math.exp2(scale2 * dot - lse[:, None])
-        else:  # the tile is transposed: its columns are the a rows
-            positive = (offs_b[None, :] + diag_offset) == offs_a[:, None]
-            p = tl.math.exp2(scale2 * dot - tl.load(LSE + offs_b, mask=mask_b, other=0.0)[None, :])
-        g = tl.where(mask_a[:, None] & mask_b[None, :], coef * (p - tl.where(positive, 1.0, 0.0)), 0.0)
-        if OWN_IS_A:
-            ds += tl.sum(g * dot, 1)
-        _accumulate_grad(D_OWN, OTHER, (g * scale).to(OTHER.dtype.element_ty), offs_a, offs_b, mask_a, mask_b,
-                         dim, stride_d_own, stride_other, BLOCK_D)
-    if OWN_IS_A:
-        tl.store(DS + offs_a, tl.load(DS + offs_a, mask=mask_a) + ds, mask=mask_a)
+    coef = tl.load(COEF)  # grad_output / (2·B_local)
+    dot = _dot_tile(A, B, offs_a, offs_b, mask_a, mask_b, dim, stride_a, stride_b, BLOCK_A, BLOCK_B, BLOCK_D)
+    onehot = tl.where((offs_a[:, None] + diag_offset) == offs_b[None, :], 1.0, 0.0)
+    p = tl.math.exp2(scale2 * dot - tl.load(LSE_A + offs_a, mask=mask_a, other=0.0)[:, None]) - onehot
+    if BOTH_DIRECTIONS:
+        p += tl.math.exp2(scale2 * dot - tl.load(LSE_B + offs_b, mask=mask_b, other=0.0)[None, :]) - onehot
+    g = tl.where(mask_a[:, None] & mask_b[None, :], coef * p, 0.0)
+    tl.store(G + offs_a[:, None].to(tl.int64) * stride_g + offs_b[None, :], (g * scale).to(G.dtype.element_ty),
+             mask=mask_a[:, None] & mask_b[None, :])
+    tl.store(PARTIALS + pid_a * tl.num_programs(1) + pid_b, tl.sum(tl.sum(g * dot, 1), 0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,17 +102,24 @@ def row_lse_shard(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse: to
                                        **options)
 
 
-@triton_op("finevit::row_lse_grad", mutates_args=("d_own", "ds"))
-def row_lse_grad_shard(own: torch.Tensor, other: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor,
-                       coef: torch.Tensor, diag_offset: int, own_is_a: bool, d_own: torch.Tensor,
-                       ds: torch.Tensor) -> None:
-    """d_own += s·G @ other (G = coef · (softmax_ij − y_ij)), and ds += its row sums when own_is_a."""
+@triton_op("finevit::clip_logit_grad", mutates_args=("g", "partials"))
+def clip_logit_grad(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse_a: torch.Tensor,
+                    lse_b: torch.Tensor, coef: torch.Tensor, diag_offset: int, both_directions: bool,
+                    g: torch.Tensor, partials: torch.Tensor) -> None:
+    """g (rows of a, rows of b) = s·coef·(softmax_j(z_ij) − y_ij [+ softmax_i(z_ij) − y_ij]); partials
+    (tiles,): each tile's sum of g·a_i·b_j (unscaled by s). `clip_partials` sizes partials."""
     options = launch_options()
-    grid = (triton.cdiv(own.shape[0], options["BLOCK_A"]),)
-    wrap_triton(_row_lse_grad_kernel)[grid](
-        own, other, d_own, scale, lse, coef, ds, own.shape[0], other.shape[0], own.shape[1],
-        own.stride(0), other.stride(0), d_own.stride(0), diag_offset, OWN_IS_A=own_is_a, **options,
+    grid = (triton.cdiv(a.shape[0], options["BLOCK_A"]), triton.cdiv(b.shape[0], options["BLOCK_B"]))
+    wrap_triton(_clip_logit_grad_kernel)[grid](
+        a, b, g, scale, lse_a, lse_b, coef, partials, a.shape[0], b.shape[0], a.shape[1], a.stride(0), b.stride(0),
+        g.stride(0), diag_offset, BOTH_DIRECTIONS=both_directions, **options,
     )
+
+
+def clip_partials(rows_a: int, rows_b: int, device: torch.device) -> torch.Tensor:
+    options = launch_options()
+    tiles = triton.cdiv(rows_a, options["BLOCK_A"]) * triton.cdiv(rows_b, options["BLOCK_B"])
+    return torch.empty(tiles, dtype=torch.float32, device=device)
 
 
 @row_lse_shard.register_fake
@@ -120,8 +127,8 @@ def _(a, b, scale, lse):
     return None
 
 
-@row_lse_grad_shard.register_fake
-def _(own, other, scale, lse, coef, diag_offset, own_is_a, d_own, ds):
+@clip_logit_grad.register_fake
+def _(a, b, scale, lse_a, lse_b, coef, diag_offset, both_directions, g, partials):
     return None
 
 
@@ -143,16 +150,21 @@ def _ring_lse(ring: Ring | None, a: torch.Tensor, b: torch.Tensor, scale: torch.
     return lse
 
 
-def _ring_lse_grad(ring, a, b, scale, lse, coef, d_a, ds) -> torch.Tensor:
-    """Adds one direction's gradient into d_a and ds; returns the gradient for the local rows of b."""
+def _clip_gradients(ring, a, b, scale, lse_a, lse_b, coef, both_directions):
+    """(d_a, d_b, ds) of the a→b cross-entropy of this rank's rows (and of b→a, `both_directions`, single
+    process only: there every pair is this rank's) through `contrastive_gradients`."""
     my_offset = ring.offsets[ring.rank] if ring else 0
+    ds = torch.zeros((), dtype=torch.float32, device=a.device)
 
-    def compute(shard, owner, d_shard):
-        diag_offset = my_offset - (ring.offsets[owner] if ring else 0)
-        row_lse_grad_shard(a, shard, scale, lse, coef, diag_offset, True, d_a, ds)
-        row_lse_grad_shard(shard, a, scale, lse, coef, diag_offset, False, d_shard, ds)
+    def logit_grad(start, stop, shard, owner, g):
+        diag_offset = start + my_offset - (ring.offsets[owner] if ring else 0)
+        partials = clip_partials(stop - start, shard.shape[0], a.device)
+        clip_logit_grad(a[start:stop], shard, scale, lse_a[start:stop], lse_b, coef, diag_offset, both_directions,
+                        g, partials)
+        ds.add_(partials.sum())
 
-    return ring_backward(ring, b, compute)
+    d_a, d_b = contrastive_gradients(ring, a, b, logit_grad)
+    return d_a, d_b, ds
 
 
 class _ClipLoss(torch.autograd.Function):
@@ -170,14 +182,16 @@ class _ClipLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         img, txt, scale, lse_img, lse_txt = ctx.saved_tensors
+        ring = ctx.ring
         coef = (grad.float() / (2 * img.shape[0])).reshape(())
-        d_img = torch.zeros(img.shape, dtype=torch.float32, device=img.device)
-        d_txt = torch.zeros(txt.shape, dtype=torch.float32, device=txt.device)
-        ds = torch.zeros(img.shape[0], dtype=torch.float32, device=img.device)
-        d_txt += _ring_lse_grad(ctx.ring, img, txt, scale, lse_img, coef, d_img, ds)
-        d_img += _ring_lse_grad(ctx.ring, txt, img, scale, lse_txt, coef, d_txt, ds)
+        if ring is None:  # one pass: every pair's logit serves both directions
+            d_img, d_txt, ds = _clip_gradients(None, img, txt, scale, lse_img, lse_txt, coef, True)
+        else:  # image→text over (local images, every text), text→image over (local texts, every image)
+            d_img, d_txt, ds = _clip_gradients(ring, img, txt, scale, lse_img, lse_txt, coef, False)
+            d_txt_2, d_img_2, ds_2 = _clip_gradients(ring, txt, img, scale, lse_txt, lse_img, coef, False)
+            d_img, d_txt, ds = d_img + d_img_2, d_txt + d_txt_2, ds + ds_2
         scale_shape, scale_dtype = ctx.scale_meta
-        return d_img.to(img.dtype), d_txt.to(txt.dtype), ds.sum().reshape(scale_shape).to(scale_dtype), None
+        return d_img.to(img.dtype), d_txt.to(txt.dtype), ds.reshape(scale_shape).to(scale_dtype), None
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *, group=None) -> torch.Tensor:

@@ -7,10 +7,13 @@ passes its shard; the global batch is the concatenation in rank order.
 Forward (per rank, over its rows i and every text j of the global batch):
     z_ij = s·x_i·t_j + b,  y_ij = +1 on matching pairs, −1 elsewhere,
     L = Σ_ij −log σ(y_ij z_ij) / B_local,  −log σ(u) = softplus(−u) = max(−u, 0) + log1p(e^−|u|)
-Only per-row sums (O(B)) are written. Backward, recomputing each logit tile:
-    g_ij = ∂L/∂z_ij = −y_ij σ(−y_ij z_ij) · grad / B_local
-    dx_i = s Σ_j g_ij t_j   (row-owner programs)       ds = Σ g_ij (x_i·t_j),  db = Σ g_ij   (same programs)
-    dt_j = s Σ_i g_ij x_i   (column-owner programs)
+Gradients (`_pairwise.contrastive_gradients`): a kernel recomputes each logit tile and writes
+    G_ij = s·∂L/∂z_ij = −s·y_ij σ(−y_ij z_ij) / B_local     (a chunk of rows at a time, in the features' dtype)
+with each tile's sums of the loss, of g_ij·x_i·t_j (∂L/∂s) and of g_ij (∂L/∂b); then two GEMMs give
+    dx = G @ t,   dt = Gᵀ @ x.
+Single process, with gradients wanted: this runs in the forward (the loss comes from the same tiles, so
+the logits are computed once) and the backward only multiplies by the incoming gradient. Otherwise the
+forward writes per-row loss sums only (O(B)) and the backward runs the gradient pass.
 Distributed: text shards travel around a ring (`_pairwise.ring_forward` / `ring_backward`), each step's tile
 work overlapping the next transfer; text gradients travel with their shard back to the owner. The scale and
 bias gradients are this rank's partial sums (∂L_rank/∂s): the usual data-parallel average of parameter
@@ -26,7 +29,14 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import _dispatch, reference
-from ._pairwise import Ring, _accumulate_grad, _dot_tile, check_contrastive, launch_options, ring_backward, ring_forward
+from ._pairwise import (
+    Ring,
+    _dot_tile,
+    check_contrastive,
+    contrastive_gradients,
+    launch_options,
+    ring_forward,
+)
 
 
 @triton.jit
@@ -60,42 +70,37 @@ def _siglip_rows_loss_kernel(
 
 
 @triton.jit
-def _siglip_grad_kernel(
-    OWN, OTHER, D_OWN, SCALE, BIAS, COEF, DS, DB,  # D_OWN float32 (rows_own, D) +=; DS, DB float32 (rows_own,) +=
-    rows_own, rows_other, dim, stride_own, stride_other, stride_d_own,
-    diag_offset,  # image row i matches text row j iff i + diag_offset == j
-    OWN_IS_IMAGE: tl.constexpr,  # rows pass (dx, ds, db) or columns pass (dt): decides which index is i
+def _siglip_logit_grad_kernel(
+    X, T, G, SCALE, BIAS, PARTIALS,  # G (rows_x, rows_t) = s·∂L/∂z; PARTIALS float32 (3, programs)
+    COEF,  # float32 scalar: ∂L/∂(Σ_ij loss_ij), e.g. 1 / B_local
+    rows_x, rows_t, dim, stride_x, stride_t, stride_g,
+    diag_offset,  # image row i matches text row j of this shard iff i + diag_offset == j
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    mask_a = offs_a < rows_own
+    """One (BLOCK_A, BLOCK_B) tile of G, and the tile's sums of the loss, g·x·t (∂L/∂s) and g (∂L/∂b)."""
+    pid_a, pid_b = tl.program_id(0), tl.program_id(1)
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_a, mask_b = offs_a < rows_x, offs_b < rows_t
     scale = tl.load(SCALE).to(tl.float32)
     bias = tl.load(BIAS).to(tl.float32)
-    coef = tl.load(COEF).to(tl.float32)  # grad_output / B_local of the rank whose loss this is
-    ds = tl.zeros([BLOCK_A], dtype=tl.float32)
-    db = tl.zeros([BLOCK_A], dtype=tl.float32)
-    for start in range(0, rows_other, BLOCK_B):
-        offs_b = start + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < rows_other
-        dot = _dot_tile(OWN, OTHER, offs_a, offs_b, mask_a, mask_b, dim, stride_own, stride_other,
-                        BLOCK_A, BLOCK_B, BLOCK_D)
-        z = scale * dot + bias
-        if OWN_IS_IMAGE:
-            positive = (offs_a[:, None] + diag_offset) == offs_b[None, :]
-        else:
-            positive = (offs_b[None, :] + diag_offset) == offs_a[:, None]
-        u = tl.where(positive, z, -z)  # y·z
-        e = tl.exp(-tl.abs(u))
-        sig = tl.where(u > 0, e, 1.0) / (1.0 + e)  # σ(−u) without overflow
-        g = tl.where(mask_a[:, None] & mask_b[None, :], tl.where(positive, -sig, sig) * coef, 0.0)
-        if OWN_IS_IMAGE:
-            ds += tl.sum(g * dot, 1)
-            db += tl.sum(g, 1)
-        _accumulate_grad(D_OWN, OTHER, (g * scale).to(OTHER.dtype.element_ty), offs_a, offs_b, mask_a, mask_b,
-                         dim, stride_d_own, stride_other, BLOCK_D)
-    if OWN_IS_IMAGE:
-        tl.store(DS + offs_a, tl.load(DS + offs_a, mask=mask_a) + ds, mask=mask_a)
-        tl.store(DB + offs_a, tl.load(DB + offs_a, mask=mask_a) + db, mask=mask_a)
+    coef = tl.load(COEF)
+    dot = _dot_tile(X, T, offs_a, offs_b, mask_a, mask_b, dim, stride_x, stride_t, BLOCK_A, BLOCK_B, BLOCK_D)
+    z = scale * dot + bias
+    positive = (offs_a[:, None] + diag_offset) == offs_b[None, :]
+    u = tl.where(positive, z, -z)  # y·z
+    e = tl.exp(-tl.abs(u))
+    valid = mask_a[:, None] & mask_b[None, :]
+    loss = tl.where(valid, _softplus(-u), 0.0)  # −log σ(y·z)
+    sig = tl.where(u > 0, e, 1.0) / (1.0 + e)  # σ(−y·z) without overflow
+    g = tl.where(valid, tl.where(positive, -sig, sig) * coef, 0.0)
+    tl.store(G + offs_a[:, None].to(tl.int64) * stride_g + offs_b[None, :], (g * scale).to(G.dtype.element_ty),
+             mask=valid)
+    program = pid_a * tl.num_programs(1) + pid_b
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(PARTIALS + program, tl.sum(tl.sum(loss, 1), 0))
+    tl.store(PARTIALS + programs + program, tl.sum(tl.sum(g * dot, 1), 0))
+    tl.store(PARTIALS + 2 * programs + program, tl.sum(tl.sum(g, 1), 0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,17 +120,24 @@ def siglip_rows_loss(x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, bias
     )
 
 
-@triton_op("finevit::siglip_grad", mutates_args=("d_own", "ds", "db"))
-def siglip_grad(own: torch.Tensor, other: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                coef: torch.Tensor, diag_offset: int, own_is_image: bool, d_own: torch.Tensor,
-                ds: torch.Tensor, db: torch.Tensor) -> None:
-    """d_own += s·g @ other over this shard (and ds, db += the row sums when own_is_image)."""
+@triton_op("finevit::siglip_logit_grad", mutates_args=("g", "partials"))
+def siglip_logit_grad(x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, coef: torch.Tensor,
+                      diag_offset: int, g: torch.Tensor, partials: torch.Tensor) -> None:
+    """g (rows of x, rows of t) = s·coef·∂(Σ_ij −log σ(y_ij z_ij))/∂z_ij; partials (3, tiles): each tile's
+    sums of the loss, of g·x_i·t_j and of g (unscaled by s). `siglip_partials` sizes partials."""
     options = launch_options()
-    grid = (triton.cdiv(own.shape[0], options["BLOCK_A"]),)
-    wrap_triton(_siglip_grad_kernel)[grid](
-        own, other, d_own, scale, bias, coef, ds, db, own.shape[0], other.shape[0], own.shape[1],
-        own.stride(0), other.stride(0), d_own.stride(0), diag_offset, OWN_IS_IMAGE=own_is_image, **options,
+    grid = (triton.cdiv(x.shape[0], options["BLOCK_A"]), triton.cdiv(t.shape[0], options["BLOCK_B"]))
+    wrap_triton(_siglip_logit_grad_kernel)[grid](
+        x, t, g, scale, bias, partials, coef, x.shape[0], t.shape[0], x.shape[1], x.stride(0), t.stride(0),
+        g.stride(0), diag_offset, **options,
     )
+
+
+def siglip_partials(rows_x: int, rows_t: int, device: torch.device) -> torch.Tensor:
+    """The float32 (3, tiles) buffer `siglip_logit_grad` fills for an x chunk of rows_x against rows_t texts."""
+    options = launch_options()
+    tiles = triton.cdiv(rows_x, options["BLOCK_A"]) * triton.cdiv(rows_t, options["BLOCK_B"])
+    return torch.empty((3, tiles), dtype=torch.float32, device=device)
 
 
 @siglip_rows_loss.register_fake
@@ -133,8 +145,8 @@ def _(x, t, scale, bias, diag_offset, row_loss):
     return None
 
 
-@siglip_grad.register_fake
-def _(own, other, scale, bias, coef, diag_offset, own_is_image, d_own, ds, db):
+@siglip_logit_grad.register_fake
+def _(x, t, scale, bias, coef, diag_offset, g, partials):
     return None
 
 
@@ -144,10 +156,22 @@ def _(own, other, scale, bias, coef, diag_offset, own_is_image, d_own, ds, db):
 
 
 class _SigLipLoss(torch.autograd.Function):
+    """Without a process group the gradients are computed in the forward, from the same logit tiles as the
+    loss (one logits product instead of two; the backward only multiplies them by the incoming gradient).
+    With a group they are computed in the backward, where each rank knows its own incoming gradient: the
+    text gradients a rank computes travel to other ranks and must carry that rank's scale, not theirs."""
+
     @staticmethod
-    def forward(ctx, img, txt, logit_scale, logit_bias, group):
+    def forward(ctx, img, txt, logit_scale, logit_bias, group, gradients_in_forward):
         scale = logit_scale.detach().reshape(()).float()
         bias = logit_bias.detach().reshape(()).float()
+        ctx.scale_meta = (logit_scale.shape, logit_scale.dtype, logit_bias.shape, logit_bias.dtype)
+        if gradients_in_forward:
+            coef = torch.full((), 1.0 / img.shape[0], dtype=torch.float32, device=img.device)
+            loss, grads = _siglip_loss_and_gradients(None, 0, img, txt, scale, bias, coef)
+            ctx.save_for_backward(*grads)
+            ctx.fused = True
+            return loss
         ring = Ring(group, img.shape[0], img.device) if group is not None else None
         my_offset = ring.offsets[ring.rank] if ring else 0
         row_loss = torch.zeros(img.shape[0], dtype=torch.float32, device=img.device)
@@ -158,28 +182,36 @@ class _SigLipLoss(torch.autograd.Function):
 
         ring_forward(ring, txt, compute)
         ctx.save_for_backward(img, txt, scale, bias)
-        ctx.ring, ctx.my_offset = ring, my_offset
-        ctx.scale_meta = (logit_scale.shape, logit_scale.dtype, logit_bias.shape, logit_bias.dtype)
+        ctx.ring, ctx.my_offset, ctx.fused = ring, my_offset, False
         return row_loss.sum() / img.shape[0]
 
     @staticmethod
     def backward(ctx, grad):
-        img, txt, scale, bias = ctx.saved_tensors
-        ring, my_offset = ctx.ring, ctx.my_offset
-        coef = (grad.float() / img.shape[0]).reshape(())
-        d_img = torch.zeros(img.shape, dtype=torch.float32, device=img.device)
-        ds = torch.zeros(img.shape[0], dtype=torch.float32, device=img.device)
-        db = torch.zeros_like(ds)
-
-        def compute(shard, owner, d_shard):
-            diag_offset = my_offset - (ring.offsets[owner] if ring else 0)
-            siglip_grad(img, shard, scale, bias, coef, diag_offset, True, d_img, ds, db)
-            siglip_grad(shard, img, scale, bias, coef, diag_offset, False, d_shard, ds, db)
-
-        d_txt = ring_backward(ring, txt, compute)
+        if ctx.fused:
+            grads = [t * grad.to(t.dtype) for t in ctx.saved_tensors]
+        else:
+            img, txt, scale, bias = ctx.saved_tensors
+            coef = (grad.float() / img.shape[0]).reshape(())
+            _, grads = _siglip_loss_and_gradients(ctx.ring, ctx.my_offset, img, txt, scale, bias, coef)
+        d_img, d_txt, ds, db = grads
         scale_shape, scale_dtype, bias_shape, bias_dtype = ctx.scale_meta
-        return (d_img.to(img.dtype), d_txt.to(txt.dtype), ds.sum().reshape(scale_shape).to(scale_dtype),
-                db.sum().reshape(bias_shape).to(bias_dtype), None)
+        return (d_img, d_txt, ds.reshape(scale_shape).to(scale_dtype), db.reshape(bias_shape).to(bias_dtype), None,
+                None)
+
+
+def _siglip_loss_and_gradients(ring, my_offset, img, txt, scale, bias, coef):
+    """(loss, (d_img, d_txt, ds, db)) of coef·Σ_ij −log σ(y_ij z_ij) over this rank's images and every text,
+    through `contrastive_gradients`; the features' gradients in their dtype, ds and db float32 scalars."""
+    sums = torch.zeros(3, dtype=torch.float32, device=img.device)  # loss, ∂/∂s, ∂/∂b (before coef)
+
+    def logit_grad(start, stop, shard, owner, g):
+        diag_offset = start + my_offset - (ring.offsets[owner] if ring else 0)
+        partials = siglip_partials(stop - start, shard.shape[0], img.device)
+        siglip_logit_grad(img[start:stop], shard, scale, bias, coef, diag_offset, g, partials)
+        sums.add_(partials.sum(1))
+
+    d_img, d_txt = contrastive_gradients(ring, img, txt, logit_grad)
+    return sums[0] * coef, (d_img.to(img.dtype), d_txt.to(txt.dtype), sums[1], sums[2])
 
 
 def siglip_loss(
@@ -196,4 +228,5 @@ def siglip_loss(
     check_contrastive("siglip_loss", img, txt, logit_scale, logit_bias, group)
     if not _dispatch.use_triton("siglip_loss", img.device):
         return reference.siglip_loss(img, txt, logit_scale, logit_bias, group=group)
-    return _SigLipLoss.apply(img, txt, logit_scale, logit_bias, group)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (img, txt, logit_scale, logit_bias))
+    return _SigLipLoss.apply(img, txt, logit_scale, logit_bias, group, needs_grad and group is None)

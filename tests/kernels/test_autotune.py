@@ -109,7 +109,7 @@ def test_an_error_while_a_compiled_kernel_runs_is_not_swallowed():
 
 
 def test_every_autotuned_kernel_of_the_package_uses_this_autotuner():
-    tuners = [value for name in compile_check.KERNEL_MODULES
+    tuners = [value for name in compile_check.KERNEL_SOURCES
               for value in vars(compile_check._module(name)).values()
               for value in (value.values() if isinstance(value, dict) else [value])
               if isinstance(value, triton.runtime.autotuner.Autotuner)]

@@ -108,8 +108,14 @@ class LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("loss", ["siglip", "clip"])
-def test_no_batch_by_batch_tensor_exists_in_forward_or_backward(loss):
+def test_no_batch_by_batch_tensor_exists_in_forward_or_backward(loss, monkeypatch):
+    # The gradient pass holds one chunk of the logit gradient at a time: with a budget of 64 rows, the largest
+    # tensor is a (64, B) chunk — a quarter of B² — and the gradients take 4 chunks.
+    from finevit.kernels import _pairwise
+
     batch, dim = 256, 8 * 2  # B² = 65536 elements, B·D = 4096
+    monkeypatch.setattr(_pairwise, "CHUNK_BYTES", 64 * batch * 4)
+    monkeypatch.setattr(_pairwise, "MIN_CHUNK_ROWS", 64)
     img, txt = features(batch, dim, torch.float32)
     img.requires_grad_()
     txt.requires_grad_()
@@ -117,10 +123,59 @@ def test_no_batch_by_batch_tensor_exists_in_forward_or_backward(loss):
     with LargestTensor() as mode:
         out = K.siglip_loss(img, txt, scale, bias) if loss == "siglip" else K.clip_loss(img, txt, scale)
         out.backward()
-    assert mode.largest <= batch * dim, f"a tensor of {mode.largest} elements was created (B² = {batch * batch})"
+    assert mode.largest <= 64 * batch, f"a tensor of {mode.largest} elements was created (B² = {batch * batch})"
     with LargestTensor() as mode:  # the check itself can fail: the reference does build the logits
         reference.siglip_loss(img, txt, scale, bias).backward()
     assert mode.largest >= batch * batch
+
+
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+@pytest.mark.parametrize("chunk", [64, 128], ids=lambda c: f"chunk{c}")
+def test_gradients_do_not_depend_on_the_chunking(loss, chunk, monkeypatch):
+    """Several logit-gradient chunks, the last one partial (300 rows): the same loss and gradients as float64."""
+    from finevit.kernels import _pairwise
+
+    monkeypatch.setattr(_pairwise, "CHUNK_BYTES", chunk * 300 * 4)
+    monkeypatch.setattr(_pairwise, "MIN_CHUNK_ROWS", chunk)
+    assert _pairwise.chunk_rows(300, 300, 4) == chunk
+    img, txt = features(300, 40, torch.float32)
+    scalars = [torch.tensor(10.0), torch.tensor(-5.0)][: 2 if loss == "siglip" else 1]
+    fn = K.siglip_loss if loss == "siglip" else K.clip_loss
+    ours, ours_grads = run(fn, img, txt, scalars)
+    ref_fn = reference.siglip_loss if loss == "siglip" else reference.clip_loss
+    want, want_grads = run(ref_fn, img.double(), txt.double(), [s.double() for s in scalars])
+    torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(ours_grads, want_grads):  # float32 rounding of logits up to s = 10, over B = 300
+        assert expected.abs().max() > 1e-3  # a chunk left out would show far above the tolerance
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5 * 10 / 300)
+
+
+def test_gradients_are_computed_in_the_forward_only_when_wanted():
+    """Single process: the SigLIP forward computes the gradients too, unless no gradient is wanted (no_grad,
+    or no input requires grad), where it must cost one forward pass only."""
+    calls = []
+    original = torch.ops.finevit.siglip_logit_grad.default
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is original:
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    img, txt = features(40, 16, torch.float32)
+    scale, bias = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    with Count(), torch.no_grad():
+        K.siglip_loss(img, txt, scale, bias)
+    with Count():
+        K.siglip_loss(img, txt, scale.detach(), bias.detach())
+    assert calls == []
+    with Count():
+        loss = K.siglip_loss(img, txt, scale, bias)
+    assert len(calls) == 1
+    loss.backward(torch.tensor(3.0))  # the backward reuses the forward's gradients, times the incoming one
+    assert len(calls) == 1
+    want_scale = torch.autograd.grad(3 * reference.siglip_loss(img, txt, scale, bias), scale)[0]
+    torch.testing.assert_close(scale.grad, want_scale, rtol=1e-5, atol=1e-6)
 
 
 def test_loss_ops_have_fake_implementations():
@@ -131,9 +186,10 @@ def test_loss_ops_have_fake_implementations():
         s = torch.empty(())
         rows = torch.empty(8)
         torch.ops.finevit.siglip_rows_loss(x, x, s, s, 0, rows)
-        torch.ops.finevit.siglip_grad(x, x, s, s, s, 0, True, torch.empty(8, 16), rows, rows)
+        torch.ops.finevit.siglip_logit_grad(x, x, s, s, s, 0, torch.empty(8, 8), torch.empty(3, 1))
         torch.ops.finevit.row_lse(x, x, s, rows)
-        torch.ops.finevit.row_lse_grad(x, x, s, rows, s, 0, True, torch.empty(8, 16), rows)
+        torch.ops.finevit.clip_logit_grad(x, x, s, rows, rows, s, 0, True, torch.empty(8, 8), torch.empty(1))
+        torch.ops.finevit.contrastive_matmul(torch.empty(8, 8), x, torch.empty(8, 16), True)
 
 
 @pytest.mark.gpu
