@@ -1,14 +1,14 @@
 """Benchmark of `finevit.kernels.siglip_loss` / `clip_loss` (tiled) against losses that materialize B×B logits.
 
-    python bench/loss.py [--quick] [--out DIR] [--providers a,b,...] [--modes fwd,bwd,fwd+bwd] [--probe-max N]
-                         [--cpu-smoke]
+    python bench/loss.py [--quick] [--out DIR] [--providers a,b,...] [--modes fwd,bwd,fwd+bwd] [--probe-batch N]
+                         [--probe-step-limit-s S] [--cpu-smoke]
 
 Without a CUDA device it prints "no CUDA device: nothing to benchmark" and exits 0.
 
 Workloads (one GPU, the loss alone: no model, no communication)
     losses          siglip (pairwise sigmoid, learnable scale and bias) and clip (softmax, learnable scale)
-    B (pairs)       4096, 16384, 65536, 262144 (--quick: 4096, 16384, 65536, and D = 1152 only)
-    D               768 and 1152
+    B (pairs)       4096, 16384, 65536, 262144 (--quick: 4096, 16384, 65536)
+    D               768 and 1152 (--quick too: the TFLOP/s target covers both)
     features        img, txt: (B, D) bf16, rows L2-normalized (in fp32, then rounded), fixed seed
     logit_scale     exp(log 10) = 10, logit_bias −10 (SigLIP's initialization): 0-d fp32 leaf tensors with
                     requires_grad, passed already exponentiated, as the public functions take them
@@ -19,53 +19,76 @@ Providers (each a forward closure returning the scalar loss of the same inputs)
                 (FINEVIT_KERNELS unset: the Triton kernel on CUDA). The path the dispatch takes,
                 `finevit.kernels._dispatch.use_triton(op, device)` ("triton" or "reference"), is printed and
                 recorded in the JSON; a warning is printed when that is the reference on CUDA.
-    naive       `finevit.kernels.reference.siglip_loss` / `clip_loss` called directly: the eager PyTorch loss
-                of the tests' oracle. It casts the features to fp32 and materializes the B×B logits (CLIP:
-                both directions) and their autograd intermediates.
-    open_clip   `open_clip.loss.SigLipLoss()` / `ClipLoss()` (single process), when open_clip imports.
-                It computes the logits in the features' dtype (bf16 here), also B×B.
+    naive_bf16  the main baseline, `naive_bf16_siglip_loss` / `naive_bf16_clip_loss` below: the eager loss a
+                bf16 training run gets, as open_clip's losses run under autocast. logits = logit_scale ·
+                (img @ txtᵀ), a bf16 GEMM of the bf16 features (the 0-d fp32 scale multiplies the bf16 B×B
+                product, which stays bf16), then the loss math in fp32 under autograd. SigLIP:
+                −logsigmoid(labels · (logits.float() + bias)).sum() / B with labels = 2·eye − 1 (B×B, in the
+                features' dtype, as open_clip builds them); CLIP: the mean of the two cross-entropies of
+                logits.float() (rows: image->text, columns: text->image; one GEMM). Features of another dtype
+                (the CPU smoke run's fp32) are cast to bf16 first.
+    naive       `finevit.kernels.reference.siglip_loss` / `clip_loss` called directly: the fp32 eager loss of
+                the tests' oracle. It casts the features to fp32 and materializes the B×B fp32 logits (CLIP:
+                both directions) and their autograd intermediates. An extra reference: no target uses it.
+    open_clip   `open_clip.loss.SigLipLoss()` / `ClipLoss()` (single process), when open_clip imports, called
+                inside `torch.autocast(device.type, dtype=torch.bfloat16)` as a bf16 training run calls it (on
+                the CPU smoke run too: CPU autocast, so its fp32 features meet bf16 GEMMs there as well).
 Before timing, each provider's loss value is compared with finevit's (`rel_diff_vs_ours`; a warning above 1%).
+The bf16 providers differ from the fp32 ones by the rounding of bf16 logits (about 1e-3 relative).
 
 Measured, per (loss, D, B, provider, mode)
     ms              do_bench median and 20/80 % quantiles (bench/_harness.py; L2 flushed, grads reset between reps)
     pairs/s         B² / time: logit pairs scored per second
-    TFLOP/s         useful work only, the same for every provider: forward 2·B²·D (the one B×B logits product),
-                    backward 4·B²·D (the two products giving d_img and d_txt): fwd 2·B²·D, fwd+bwd 6·B²·D.
-                    Tiles a fused kernel recomputes in its backward, and the reference's second B×B product for
-                    CLIP's text->image direction, are not counted: every provider is charged the same FLOPs,
-                    so TFLOP/s ratios are time ratios.
+    TFLOP/s         issue 17's count, the same for every provider: forward 2·B²·D (the B×B logits product),
+                    fwd+bwd 8·B²·D (the backward recomputes the logits, then two gradient products give d_img
+                    and d_txt: 6·B²·D; bwd alone is charged those 6·B²·D). Every provider is charged the same
+                    FLOPs whatever it really computes (the eager losses keep their logits and skip the
+                    recomputation; the fp32 reference computes CLIP's text->image product a second time), so
+                    TFLOP/s ratios are time ratios.
     extra peak      the most memory one step allocates above what was live before it (inputs, scale, bias and
                     the harness' output-gradient scalar excluded; their gradients, allocated by the step, are
-                    included): torch.cuda.max_memory_allocated − memory_allocated, in GB = 10⁹ bytes.
+                    included): torch.cuda.max_memory_allocated − memory_allocated, in GB = 10⁹ bytes. Printed
+                    per case in the "time · pairs/s · extra peak memory" tables.
     ratio           finevit's speedup over each baseline (its ms / finevit's ms, > 1: finevit is faster)
 Out of memory: a step that raises torch.cuda.OutOfMemoryError is recorded with status "oom". Peak memory
 grows with B, D and the mode (fwd < bwd < fwd+bwd), so an OOM at (B, D, mode) marks every case with
 B' ≥ B, D' ≥ D and a mode at least as heavy as "skipped" for that provider and loss, without running it.
 
-Largest batch that fits (finevit alone, D = 1152, bf16, fwd+bwd of the loss): B doubles from 65,536 until the
-step runs out of memory or B passes --probe-max (default 2²¹, --quick 2²⁰ = the 1M target). One step per B,
-timed by the wall clock rather than do_bench (it may include Triton autotuning for a new B), with its extra peak
-memory. A doubling whose predicted time (4× the last step) passes --probe-step-limit-s (150 s) is not run.
+1M-pair probe (finevit alone, B = 1,048,576, D = 768, bf16, fwd+bwd of the loss, each loss): one warm-up step
+(it may include Triton autotuning for the new B), then one timed step, each timed by the wall clock (synchronized)
+with its extra peak memory; status ok / oom / failed. The timed step is not run when the warm-up step took
+longer than --probe-step-limit-s (default 150 s); the warm-up's numbers are then reported instead.
+--probe-batch changes B (0: no probe).
 
 Memory model (computed, not measured): for the issue's B values, the bytes of one B×B fp32 logits matrix
 (B²·4; the reference keeps several alive) against the O(B·D) state of a tiled implementation (the d_img and
 d_txt it must return, plus CLIP's two O(B) log-sum-exp vectors). Printed at the start of every run.
 
-Targets of issue 4 (H100, bf16, one run), printed with met / not met and written to the JSON:
-    extra peak memory of finevit's fwd+bwd at B = 65,536, D = 1152 ≤ 1 GB, per loss;
-    finevit fwd+bwd ≥ 1.5× faster than naive at the largest B naive fits (D = 1152), per loss;
-    largest batch finevit fits (fwd+bwd, D = 1152) ≥ 1,048,576 pairs, per loss.
+Targets of issue 17 (H100/H200, bf16 features, one run), printed as met / not met / n/a and written to the
+JSON (`checks`, each with its `target` number):
+    1. SigLIP: finevit fwd+bwd at B = 65,536, D = 768 in ≤ 45 ms (siglip-kernel: 48.8 ms on H100), and its
+       extra peak memory ≤ 0.8 GB (two checks);
+    2. fwd+bwd ≥ 450 TFLOP/s (8·B²·D) at every B ≥ 16,384, D ∈ {768, 1152}, per loss: the minimum over every
+       measured finevit fwd+bwd case with B ≥ 16,384 (the case is named; a case that ran out of memory or failed
+       is not met);
+    3. fwd+bwd ≥ 2.5× faster than naive_bf16 at the largest B naive_bf16 fits, per loss: at each D of the
+       run, the minimum over D reported;
+    4. the 1M-pair probe's fwd+bwd with ≤ 2 GB extra peak memory beyond the d_img and d_txt it returns, per loss
+       (its step time and total extra peak in the detail). The gradients alone are 2·B·D·2 bytes = 3.2 GB at
+       B = 1,048,576, D = 768 in bf16, so "≤ 2 GB extra" can only mean the loss's working memory.
 
 Files: bench/results/loss_<gpu>_<date>.{json,md,png}; regenerate the .md/.png from the JSON with
 `python bench/_harness.py <file>.json`. The plot: TFLOP/s bars over B, one panel per loss × D, one row per mode.
 
 `--cpu-smoke` runs a tiny fp32 version on the CPU (B 64 and 256, D 16 and 64, FINEVIT_KERNELS=reference for
-the finevit provider since Triton kernels need a GPU or the interpreter, a wall-clock timer, a probe from
-B = 256 to 1024 at D = 64) through the same code paths, to check the script without a GPU. Its peak memory
-comes from the allocations torch.profiler records on the CPU (profile_memory=True), a step's allocations
-and frees summed in time order; the targets are then evaluated on the smoke sizes and mean nothing.
+the finevit provider since Triton kernels need a GPU or the interpreter, a wall-clock timer, a probe at
+B = 1024, D = 64) through the same code paths, to check the script without a GPU. naive_bf16 still casts to
+bf16 and open_clip still runs under (CPU) autocast, so their loss values show the bf16 rounding against the
+fp32 finevit / naive ones. Its peak memory comes from the allocations torch.profiler records on the CPU
+(profile_memory=True), a step's allocations and frees summed in time order; the targets are then evaluated
+on the smoke sizes (the largest B and D of the run standing for the targets' B and D, B ≥ 16,384 becoming
+every B of the run at least min(16,384, its largest)) and mean nothing.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -79,34 +102,39 @@ import torch
 import torch.nn.functional as F
 
 import finevit.kernels as K
-from finevit.kernels import reference
+from finevit.kernels import _pairwise, reference
 
 OURS = "finevit"
 LOSSES = ("siglip", "clip")
 BATCHES = (4096, 16384, 65536, 262144)
 QUICK_BATCHES = (4096, 16384, 65536)
 DIMS = (768, 1152)
-QUICK_DIMS = (1152,)  # the targets' width; the D=768 cases add ~40 s on an H100
+QUICK_DIMS = DIMS  # target 2 covers both widths
 SMOKE_BATCHES = (64, 256)
 SMOKE_DIMS = (16, 64)
 INIT_SCALE = 10.0  # = exp(log 10): logit_scale as the loss receives it, the exp of the learned log-scale
 INIT_BIAS = -10.0
 MODES = ("fwd", "fwd+bwd")
 MODE_WEIGHT = {"fwd": 0, "bwd": 1, "fwd+bwd": 2}  # heavier modes need at least the memory of lighter ones
-FLOP_PER_PAIR_DIM = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}  # × B²·D
+FLOP_PER_PAIR_DIM = {"fwd": 2, "bwd": 6, "fwd+bwd": 8}  # × B²·D (issue 17: the backward recomputes the logits)
 GB = 1e9
 DIFF_WARNING = 0.01
 
-# Issue 4's targets.
-TARGET_BATCH = 65536
-TARGET_DIM = 1152
-TARGET_MEMORY_GB = 1.0
-TARGET_SPEEDUP = 1.5
-TARGET_LARGEST = 2**20
-PROBE_START = 65536
-PROBE_MAX = 2**21
-QUICK_PROBE_MAX = 2**20
-SMOKE_PROBE = (256, 1024)
+BASELINE = "naive_bf16"  # the baseline of target 3
+
+# Issue 17's targets.
+TARGET_BATCH = 65536  # 1: SigLIP fwd+bwd at B = 65,536, D = 768
+TARGET_DIM = 768
+TARGET_MS = 45.0
+TARGET_MEMORY_GB = 0.8
+TARGET_TFLOPS = 450.0  # 2: fwd+bwd TFLOP/s (8·B²·D) at every B ≥ 16,384, D ∈ {768, 1152}
+TARGET_TFLOPS_MIN_BATCH = 16384
+TARGET_TFLOPS_DIMS = (768, 1152)
+TARGET_SPEEDUP = 2.5  # 3: over naive_bf16 at the largest B it fits
+PROBE_BATCH = 2**20  # 4: 1M pairs at D = 768 with ≤ 2 GB extra memory beyond the gradients it returns
+PROBE_DIM = 768
+PROBE_MEMORY_GB = 2.0
+SMOKE_PROBE = (1024, 64)  # (B, D) of the CPU smoke run's probe
 MODEL_BATCHES = (4096, 16384, 65536, 262144, 2**20)  # the issue's B values, for the memory model
 
 
@@ -141,7 +169,7 @@ def make_inputs(batch: int, dim: int, dtype: torch.dtype, device: torch.device, 
 
 
 def loss_flops(batch: int, dim: int, mode: str) -> float:
-    """Useful FLOPs: fwd 2·B²·D, bwd 4·B²·D, fwd+bwd 6·B²·D (the same for every provider)."""
+    """Issue 17's count: fwd 2·B²·D, bwd 6·B²·D, fwd+bwd 8·B²·D (the same for every provider)."""
     return FLOP_PER_PAIR_DIM[mode] * batch * batch * dim
 
 
@@ -169,6 +197,34 @@ def naive_loss(loss: str, x: Inputs) -> Forward:
     return lambda: reference.clip_loss(x.img, x.txt, x.logit_scale)
 
 
+def _bf16_logits(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """logit_scale · (img @ txtᵀ): a bf16 GEMM of bf16 features; the 0-d fp32 scale keeps the product bf16."""
+    img, txt = img.to(torch.bfloat16), txt.to(torch.bfloat16)  # no-ops on the bench's bf16 features
+    return logit_scale * (img @ txt.T)  # (B, B) bf16
+
+
+def naive_bf16_siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                           logit_bias: torch.Tensor) -> torch.Tensor:
+    """−logsigmoid(labels · (logits + b)).sum() / B in fp32 on bf16 logits, labels = 2·eye − 1 (open_clip's)."""
+    logits = _bf16_logits(img, txt, logit_scale)
+    batch = logits.shape[0]
+    labels = torch.eye(batch, device=logits.device, dtype=logits.dtype).mul_(2).sub_(1)  # ±1: exact in bf16
+    return -F.logsigmoid(labels * (logits.float() + logit_bias)).sum() / batch
+
+
+def naive_bf16_clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """½·[CE(logits, pairs) + CE(logitsᵀ, pairs)] in fp32 on one bf16 logits GEMM."""
+    logits = _bf16_logits(img, txt, logit_scale).float()
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def naive_bf16_loss(loss: str, x: Inputs) -> Forward:
+    if loss == "siglip":
+        return lambda: naive_bf16_siglip_loss(x.img, x.txt, x.logit_scale, x.logit_bias)
+    return lambda: naive_bf16_clip_loss(x.img, x.txt, x.logit_scale)
+
+
 @functools.cache
 def _import_open_clip() -> tuple[type, type, str] | str:
     """(SigLipLoss, ClipLoss, version), or why open_clip does not import; tried once per run."""
@@ -188,12 +244,15 @@ def _open_clip_losses() -> tuple[type, type, str]:
 
 
 def open_clip_loss(loss: str, x: Inputs) -> Forward:
+    """open_clip's loss under bf16 autocast on the features' device type (CPU autocast in smoke runs)."""
     siglip_cls, clip_cls, _ = _open_clip_losses()
-    if loss == "siglip":
-        fn = siglip_cls()
-        return lambda: fn(x.img, x.txt, x.logit_scale, x.logit_bias)
-    fn = clip_cls()
-    return lambda: fn(x.img, x.txt, x.logit_scale)
+    fn = siglip_cls() if loss == "siglip" else clip_cls()
+    args = (x.img, x.txt, x.logit_scale) + ((x.logit_bias,) if loss == "siglip" else ())
+
+    def forward() -> torch.Tensor:
+        with torch.autocast(x.img.device.type, dtype=torch.bfloat16):
+            return fn(*args)
+    return forward
 
 
 @dataclass(frozen=True)
@@ -204,10 +263,12 @@ class Provider:
 
 PROVIDERS: dict[str, Provider] = {
     "finevit": Provider(finevit_loss, "finevit.kernels.siglip_loss / clip_loss, as dispatched (Triton on CUDA)"),
-    "naive": Provider(naive_loss, "finevit.kernels.reference siglip_loss / clip_loss: eager PyTorch, fp32 B×B "
-                                  "logits (the tests' oracle)"),
-    "open_clip": Provider(open_clip_loss, "open_clip.loss.SigLipLoss() / ClipLoss(), single process, B×B logits "
-                                          "in the features' dtype"),
+    "naive_bf16": Provider(naive_bf16_loss, "eager PyTorch: bf16 B×B logits GEMM, then the loss math in fp32 under "
+                                            "autograd (the baseline of issue 17's targets)"),
+    "naive": Provider(naive_loss, "finevit.kernels.reference siglip_loss / clip_loss: eager PyTorch, fp32 "
+                                  "features and fp32 B×B logits (the tests' oracle)"),
+    "open_clip": Provider(open_clip_loss, "open_clip.loss.SigLipLoss() / ClipLoss(), single process, under bf16 "
+                                          "autocast: bf16 B×B logits"),
 }
 
 
@@ -383,7 +444,7 @@ def _progress_line(record: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Largest batch that fits (finevit alone)
+# The 1M-pair probe (finevit alone)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -404,38 +465,43 @@ def _one_step(forward: Forward, inputs: Inputs, device: torch.device) -> tuple[f
     return time.perf_counter() - start, peak, value[-1]
 
 
-def probe_largest_batch(loss: str, dim: int, dtype: torch.dtype, device: torch.device, start: int, stop: int,
-                        step_limit_s: float, seed: int) -> dict:
-    """Double B from `start` while finevit's fwd+bwd fits, up to `stop`: the largest B that ran, and each try."""
-    tries: list[dict] = []
-    largest, batch, last_s = None, start, None
-    stopped = f"reached --probe-max {stop}"
-    while batch <= stop:
-        if last_s is not None and 4 * last_s > step_limit_s:
-            stopped = f"B={batch} not run: its step would take ~{4 * last_s:.0f} s > {step_limit_s:g} s"
-            break
-        failure, row, inputs = None, {"loss": loss, "batch": batch, "dim": dim}, None
-        try:
-            inputs = make_inputs(batch, dim, dtype, device, seed)
-            seconds, peak_mib, value = _one_step(finevit_loss(loss, inputs), inputs, device)
-        except Exception as error:  # noqa: BLE001
-            failure = ("oom" if _is_oom(error) else "failed", harness.error_reason(error))
-        inputs = None
-        harness.free_memory(device)
-        if failure is not None:
-            row.update(status=failure[0], reason=failure[1])
-            tries.append(row)
-            print(f"  probe {loss} B={batch:>8} D={dim}: {failure[0]}: {failure[1]}", flush=True)
-            stopped = f"B={batch} ran out of memory" if failure[0] == "oom" else f"B={batch} failed: {failure[1]}"
-            break
-        row.update(status="ok", seconds=seconds, loss_value=value,
-                   peak_mem_gb=None if peak_mib is None else peak_mib * 2**20 / GB)
-        tries.append(row)
-        peak_text = "–" if peak_mib is None else f"{peak_mib * 2**20 / GB:.3f} GB"
-        print(f"  probe {loss} B={batch:>8} D={dim}: ok in {seconds:.2f} s, peak +{peak_text}", flush=True)
-        largest, last_s, batch = batch, seconds, 2 * batch
-    return {"loss": loss, "dim": dim, "provider": OURS, "mode": "fwd+bwd", "largest_batch": largest,
-            "stopped": stopped, "tries": tries}
+def probe_batch(loss: str, batch: int, dim: int, dtype: torch.dtype, device: torch.device, step_limit_s: float,
+                seed: int) -> dict:
+    """finevit's fwd+bwd at (batch, dim): one warm-up step, then one timed step; wall-clock seconds, extra peak."""
+    row = {"loss": loss, "batch": batch, "dim": dim, "provider": OURS, "mode": "fwd+bwd", "status": "ok",
+           "reason": None, "flop": loss_flops(batch, dim, "fwd+bwd")}
+    failure, inputs, forward = None, None, None
+    try:
+        inputs = make_inputs(batch, dim, dtype, device, seed)
+        forward = finevit_loss(loss, inputs)
+        for seconds_key, peak_key in (("warmup_s", "warmup_peak_mem_gb"), ("seconds", "peak_mem_gb")):
+            if seconds_key == "seconds" and row["warmup_s"] > step_limit_s:
+                row["reason"] = (f"timed step not run: the warm-up step took {row['warmup_s']:.0f} s > "
+                                 f"--probe-step-limit-s {step_limit_s:g} s; its numbers are reported")
+                break
+            seconds, peak_mib, row["loss_value"] = _one_step(forward, inputs, device)
+            row[seconds_key], row[peak_key] = seconds, None if peak_mib is None else peak_mib * 2**20 / GB
+    except Exception as error:  # noqa: BLE001
+        failure = ("oom" if _is_oom(error) else "failed", harness.error_reason(error))
+    inputs = forward = None
+    harness.free_memory(device)
+    if failure is not None:
+        row.update(status=failure[0], reason=failure[1])
+        print(f"  probe {loss} B={batch:,} D={dim}: {failure[0]}: {failure[1]}", flush=True)
+        return row
+    if "seconds" not in row:  # the timed step was skipped: the warm-up step stands for it
+        row.update(seconds=row["warmup_s"], peak_mem_gb=row["warmup_peak_mem_gb"])
+    row["tflops"] = row["flop"] / row["seconds"] / 1e12
+    # What any loss must allocate for its result: d_img and d_txt, (B, D) each in the features' dtype.
+    row["grad_gb"] = 2 * batch * dim * dtype.itemsize / GB
+    if row["peak_mem_gb"] is not None:
+        row["working_mem_gb"] = row["peak_mem_gb"] - row["grad_gb"]
+    peak_text = "–" if row["peak_mem_gb"] is None else f"{row['peak_mem_gb']:.3f} GB"
+    print(f"  probe {loss} B={batch:,} D={dim}: step {row['seconds']:.3f} s ({row['tflops']:.0f} TFLOP/s; warm-up "
+          f"{row['warmup_s']:.2f} s), extra peak {peak_text} (the returned gradients: {row['grad_gb']:.3f} GB)"
+          + (f"; {row['reason']}" if row["reason"] else ""),
+          flush=True)
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -444,28 +510,39 @@ def probe_largest_batch(loss: str, dim: int, dtype: torch.dtype, device: torch.d
 
 
 def memory_model(batches, dims, dtype: torch.dtype) -> list[dict]:
-    """One B×B fp32 logits matrix (B²·4 bytes) vs the O(B·D) state of a tiled loss (grads + CLIP's LSE)."""
+    """One B×B fp32 logits matrix (B²·4 bytes) against what finevit's tiled losses allocate (single process):
+    the d_img and d_txt they return, one chunk of the logit gradient G (`_pairwise.chunk_rows` rows × B, in the
+    features' dtype), d_txt's float32 accumulator (B·D·4), and for CLIP its two float32 log-sum-exp vectors."""
     element = torch.empty((), dtype=dtype).element_size()
-    return [{"batch": b, "dim": d, "logits_fp32_gb": 4 * b * b / GB,
-             "tiled_siglip_gb": 2 * b * d * element / GB,  # d_img, d_txt
-             "tiled_clip_gb": (2 * b * d * element + 2 * b * 4) / GB}  # + row and column log-sum-exp, fp32
-            for d in dims for b in batches]
+    rows = []
+    for d in dims:
+        for b in batches:
+            working = _pairwise.chunk_rows(b, b, element) * b * element + b * d * 4
+            rows.append({"batch": b, "dim": d, "logits_fp32_gb": 4 * b * b / GB,
+                         "gradients_gb": 2 * b * d * element / GB,
+                         "tiled_siglip_gb": (2 * b * d * element + working) / GB,
+                         "tiled_clip_gb": (2 * b * d * element + working + 2 * b * 4) / GB})
+    return rows
 
 
 def _memory_model_table(rows: list[dict], dtype: torch.dtype) -> dict:
     name = str(dtype).removeprefix("torch.")
     return {"title": "Memory model (computed, not measured)",
             "note": f"One B×B fp32 logits matrix (B²·4 bytes; the eager losses keep several alive, see "
-                    f"`peak_in_fp32_bxb` in the JSON) against the O(B·D) state a tiled loss must allocate: "
-                    f"d_img and d_txt in {name} (2·B·D·{torch.empty((), dtype=dtype).element_size()} bytes), "
-                    f"plus CLIP's two fp32 log-sum-exp vectors (2·B·4). GB = 10⁹ bytes.",
-            "header": ["B", "D", "one B×B fp32 logits (GB)", "tiled SigLIP (GB)", "tiled CLIP (GB)"],
+                    f"`peak_in_fp32_bxb` in the JSON) against what finevit's tiled losses allocate in one process: "
+                    f"the d_img and d_txt they return in {name}, one row chunk of the logit gradient G (in {name}; "
+                    f"{_pairwise.CHUNK_BYTES / 2**20:.0f} MiB, or {_pairwise.MIN_CHUNK_ROWS} rows × B where that is "
+                    f"more), d_txt's float32 accumulator (B·D·4), and CLIP's two float32 log-sum-exp vectors (2·B·4). "
+                    f"GB = 10⁹ bytes.",
+            "header": ["B", "D", "one B×B fp32 logits (GB)", "d_img + d_txt (GB)", "tiled SigLIP (GB)",
+                       "tiled CLIP (GB)"],
             "rows": [[f"{r['batch']:,}", str(r["dim"]), harness._fmt(r["logits_fp32_gb"]),
-                      harness._fmt(r["tiled_siglip_gb"]), harness._fmt(r["tiled_clip_gb"])] for r in rows]}
+                      harness._fmt(r["gradients_gb"]), harness._fmt(r["tiled_siglip_gb"]),
+                      harness._fmt(r["tiled_clip_gb"])] for r in rows]}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tables and targets of issue 4
+# Tables and targets of issue 17
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -498,83 +575,141 @@ def detail_tables(payload: dict) -> list[dict]:
 
 def probe_table(probes: list[dict]) -> dict:
     rows = []
-    for probe in probes:
-        for t in probe["tries"]:
-            status = t["status"] if t["status"] == "ok" else f"{t['status']}: {t['reason'][:80]}"
-            rows.append([probe["loss"], f"{t['batch']:,}", str(t["dim"]), status,
-                         f"{t['seconds']:.3g}" if t.get("seconds") is not None else "",
-                         harness._fmt(t.get("peak_mem_gb")) if t["status"] == "ok" else ""])
-    largest = "; ".join(f"{p['loss']}: {p['largest_batch'] or 0:,} ({p['stopped']})" for p in probes)
-    return {"title": f"Largest batch that fits ({OURS}, fwd+bwd of the loss alone)",
-            "note": f"One forward + backward per B, doubling until out of memory. Largest: {largest}.",
-            "header": ["loss", "B", "D", "status", "wall s", "extra peak GB"], "rows": rows}
+    for t in probes:
+        status = t["status"] if t["status"] == "ok" and not t["reason"] else f"{t['status']}: {t['reason'][:80]}"
+        rows.append([t["loss"], f"{t['batch']:,}", str(t["dim"]), status, harness._fmt(t.get("warmup_s")),
+                     harness._fmt(t.get("seconds")), harness._fmt(t.get("tflops")), harness._fmt(t.get("peak_mem_gb")),
+                     harness._fmt(t.get("working_mem_gb"))])
+    return {"title": f"1M-pair probe ({OURS}, fwd+bwd of the loss alone)",
+            "note": "One warm-up step, then one timed step, each by the wall clock; TFLOP/s counts 8·B²·D; extra "
+                    "peak memory of the timed step in GB (10⁹ bytes), in all and beyond the d_img and d_txt it "
+                    "returns.",
+            "header": ["loss", "B", "D", "status", "warm-up s", "step s", "TFLOP/s", "extra peak GB",
+                       "beyond gradients GB"], "rows": rows}
+
+
+def _pick(values, target: int) -> int:
+    """The target's B or D when this run has it, else the run's largest (a smoke run's stand-in)."""
+    return target if target in values else max(values)
+
+
+def _check(target: int, name: str, value, threshold: float, op: str, detail: str) -> dict:
+    met = None if value is None else value <= threshold if op == "≤" else value >= threshold
+    return {"target": target, "name": name, "value": value, "threshold": threshold, "op": op, "met": met,
+            "detail": detail}
+
+
+def _status_text(record: dict | None) -> str:
+    if record is None:
+        return "not run"
+    return record["status"] if record["status"] == "ok" else f"{record['status']} ({record['reason']})"
 
 
 def check_targets(results: list[dict], cases: list[dict], probes: list[dict]) -> list[dict]:
-    """Issue 4's targets, per loss, at B = 65,536 and D = 1152 (or the largest of this run, e.g. a smoke run)."""
-    ok = {(r["case"], r["mode"], r["provider"]): r for r in results if r["status"] == "ok"}
-    status = {(r["case"], r["mode"], r["provider"]): r for r in results}
+    """Issue 17's targets (per loss where the issue says so), on this run's cases and probe.
+
+    A run without the targets' B or D (a smoke run) evaluates them at its largest B and D instead.
+    """
+    index = {(r["case"], r["mode"], r["provider"]): r for r in results}
+
+    def ok(case: dict, provider: str) -> dict | None:
+        record = index.get((case["case"], "fwd+bwd", provider))
+        return record if record is not None and record["status"] == "ok" else None
+
     checks = []
     for loss in LOSSES:
-        loss_cases = [c for c in cases if c["loss"] == loss]
+        loss_cases = sorted((c for c in cases if c["loss"] == loss), key=lambda c: (c["dim"], c["batch"]))
         if not loss_cases:
             continue
         dims = sorted({c["dim"] for c in loss_cases})
-        dim = TARGET_DIM if TARGET_DIM in dims else dims[-1]
-        panel = sorted((c for c in loss_cases if c["dim"] == dim), key=lambda c: c["batch"])
-        batches = [c["batch"] for c in panel]
-        batch = TARGET_BATCH if TARGET_BATCH in batches else batches[-1]
-        case = next(c for c in panel if c["batch"] == batch)
+        largest = max(c["batch"] for c in loss_cases)
 
-        ours = ok.get((case["case"], "fwd+bwd", OURS))
-        naive = status.get((case["case"], "fwd+bwd", "naive"))
-        naive_text = "not run" if naive is None else (
-            f"{naive['peak_mem_gb']:.3g} GB" if naive["status"] == "ok" and naive.get("peak_mem_gb") is not None
-            else "out of memory" if naive["status"] == "oom" else naive["reason"] or naive["status"])
-        value = ours.get("peak_mem_gb") if ours else None
-        checks.append({"name": f"{loss}: extra peak memory of {OURS} fwd+bwd, B={batch:,}, D={dim} (GB)",
-                       "value": value, "threshold": TARGET_MEMORY_GB, "op": "≤",
-                       "met": None if value is None else value <= TARGET_MEMORY_GB,
-                       "detail": f"naive: {naive_text}" if value is not None else
-                       f"{OURS}: {(status.get((case['case'], 'fwd+bwd', OURS)) or {}).get('status', 'not run')}"})
+        # 1. SigLIP at B = 65,536, D = 768: time and extra peak memory.
+        if loss == "siglip":
+            dim = _pick(dims, TARGET_DIM)
+            batch = _pick([c["batch"] for c in loss_cases if c["dim"] == dim], TARGET_BATCH)
+            case = next(c for c in loss_cases if c["dim"] == dim and c["batch"] == batch)
+            ours, base = ok(case, OURS), index.get((case["case"], "fwd+bwd", BASELINE))
+            base_text = f"{BASELINE}: " + (f"{base['ms']:.4g} ms, {harness._fmt(base.get('peak_mem_gb'))} GB"
+                                           if base and base["status"] == "ok" else _status_text(base))
+            ours_text = _status_text(index.get((case["case"], "fwd+bwd", OURS)))
+            checks.append(_check(1, f"{loss}: {OURS} fwd+bwd time, B={batch:,}, D={dim} (ms)",
+                                 ours["ms"] if ours else None, TARGET_MS, "≤",
+                                 f"siglip-kernel: 48.8 ms on H100; {base_text}" if ours else f"{OURS}: {ours_text}"))
+            memory = ours.get("peak_mem_gb") if ours else None
+            checks.append(_check(1, f"{loss}: {OURS} fwd+bwd extra peak memory, B={batch:,}, D={dim} (GB)",
+                                 memory, TARGET_MEMORY_GB, "≤",
+                                 base_text if memory is not None else f"{OURS}: {ours_text}"))
 
-        both = [c for c in panel if (c["case"], "fwd+bwd", "naive") in ok and (c["case"], "fwd+bwd", OURS) in ok]
-        naive_largest = max((c for c in panel if (c["case"], "fwd+bwd", "naive") in ok),
-                            key=lambda c: c["batch"], default=None)
-        if naive_largest is not None and naive_largest in both:
-            ratio = ok[(naive_largest["case"], "fwd+bwd", "naive")]["ms"] / ok[(naive_largest["case"], "fwd+bwd",
-                                                                                OURS)]["ms"]
-            beyond = [status.get((c["case"], "fwd+bwd", "naive")) for c in panel if c["batch"] > naive_largest["batch"]]
-            detail = f"B={naive_largest['batch']:,}; naive " + (
-                "ran every B of this run" if not beyond else
-                f"at B={beyond[0]['batch']:,}: {beyond[0]['reason']}" if beyond[0] else "not run beyond it")
-            checks.append({"name": f"{loss}: fwd+bwd speedup over naive at the largest B it fits, D={dim}",
-                           "value": ratio, "threshold": TARGET_SPEEDUP, "met": ratio >= TARGET_SPEEDUP,
-                           "detail": detail})
-        else:
-            checks.append({"name": f"{loss}: fwd+bwd speedup over naive at the largest B it fits, D={dim}",
-                           "value": None, "threshold": TARGET_SPEEDUP, "met": None,
-                           "detail": "naive or finevit fwd+bwd did not run at any common B"})
+        # 2. TFLOP/s at every B ≥ 16,384 (a smoke run: every B ≥ min(16,384, its largest)), D ∈ {768, 1152}.
+        floor = min(TARGET_TFLOPS_MIN_BATCH, largest)
+        covered = [c for c in loss_cases if c["batch"] >= floor]
+        measured = [(ok(c, OURS)["throughput"], c["case"]) for c in covered if ok(c, OURS)]
+        failed = [c for c in covered if not ok(c, OURS) and index.get((c["case"], "fwd+bwd", OURS))]
+        absent = [d for d in TARGET_TFLOPS_DIMS if d not in dims] if largest >= TARGET_TFLOPS_MIN_BATCH else []
+        name = f"{loss}: {OURS} fwd+bwd TFLOP/s (8·B²·D), min over B ≥ {floor:,}, D ∈ {{{', '.join(map(str, dims))}}}"
+        check = _check(2, name, min(measured)[0] if measured else None, TARGET_TFLOPS, "≥",
+                       "; ".join(([f"at {min(measured)[1]} (of {len(measured)} cases)"] if measured else [])
+                                 + [f"{c['case']}: {_status_text(index[(c['case'], 'fwd+bwd', OURS)])}"
+                                    for c in failed] + ([f"D={absent} not in this run"] if absent else [])))
+        if failed:
+            check["met"] = False  # a case the target covers ran out of memory, failed or was skipped
+        checks.append(check)
 
-        probe = next((p for p in probes if p["loss"] == loss), None)
-        largest = probe["largest_batch"] if probe else None
-        checks.append({"name": f"{loss}: largest batch {OURS} fits, fwd+bwd, D={probe['dim'] if probe else '–'}",
-                       "value": largest, "threshold": TARGET_LARGEST,
-                       "met": None if probe is None else (largest or 0) >= TARGET_LARGEST,
-                       "detail": probe["stopped"] if probe else "probe not run"})
-    return checks
+        # 3. Speedup over naive_bf16 at the largest B it fits, at each D; the minimum over D.
+        ratios, notes, ours_failed = [], [], False
+        for dim in dims:
+            panel = [c for c in loss_cases if c["dim"] == dim]
+            fits = [c for c in panel if ok(c, BASELINE)]
+            if not fits:
+                notes.append(f"D={dim}: {BASELINE} fwd+bwd ran at no B")
+                continue
+            case = max(fits, key=lambda c: c["batch"])
+            ours = ok(case, OURS)
+            beyond = [index.get((c["case"], "fwd+bwd", BASELINE)) for c in panel if c["batch"] > case["batch"]]
+            why = ("ran every B of this run" if not beyond else
+                   f"at B={beyond[0]['batch']:,}: {beyond[0]['status']}" if beyond[0] else "not run beyond it")
+            if ours is None:
+                ours_record = index.get((case["case"], "fwd+bwd", OURS))
+                ours_failed = ours_failed or ours_record is not None
+                notes.append(f"D={dim}, B={case['batch']:,}: {OURS} {_status_text(ours_record)}")
+                continue
+            ratio = ok(case, BASELINE)["ms"] / ours["ms"]
+            ratios.append(ratio)
+            notes.append(f"D={dim}: {ratio:.3g}× at B={case['batch']:,} ({BASELINE} {why})")
+        check = _check(3, f"{loss}: {OURS} fwd+bwd speedup over {BASELINE} at the largest B it fits, min over D",
+                       min(ratios) if ratios else None, TARGET_SPEEDUP, "≥", "; ".join(notes))
+        if ours_failed:
+            check["met"] = False  # finevit failed where the baseline ran
+        checks.append(check)
+
+        # 4. The 1M-pair probe: extra peak memory beyond the returned gradients (time and the total in the detail).
+        probe = next((t for t in probes if t["loss"] == loss), None)
+        where = f"B={probe['batch']:,}, D={probe['dim']}" if probe else f"B={PROBE_BATCH:,}, D={PROBE_DIM}"
+        memory = probe.get("working_mem_gb") if probe and probe["status"] == "ok" else None
+        detail = ("probe not run" if probe is None else f"{probe['status']}: {probe['reason']}"
+                  if probe["status"] != "ok" else f"step {probe['seconds']:.4g} s ({probe['tflops']:.4g} TFLOP/s), "
+                  f"warm-up {probe['warmup_s']:.4g} s, extra peak {harness._fmt(probe.get('peak_mem_gb'))} GB of "
+                  f"which {probe['grad_gb']:.3g} GB are the gradients"
+                  + (f"; {probe['reason']}" if probe["reason"] else ""))
+        check = _check(4, f"{loss}: {OURS} fwd+bwd extra peak memory beyond the returned gradients, {where} (GB)",
+                       memory, PROBE_MEMORY_GB, "≤", detail)
+        if probe is not None and probe["status"] == "oom":
+            check["met"] = False  # it does not fit at all
+        checks.append(check)
+    return sorted(checks, key=lambda c: c["target"])  # stable: per target, siglip then clip
 
 
 def _print_checks(checks: list[dict], smoke: bool) -> None:
-    print("\nTargets (issue 4; H100, bf16)" + (": CPU smoke run, evaluated on its tiny sizes, meaningless" if smoke
-                                                else ":"))
+    print("\nTargets (issue 17; H100/H200, bf16)" + (": CPU smoke run, evaluated on its tiny sizes, meaningless"
+                                                      if smoke else ":"))
     def number(v):
-        return f"{v:,}" if isinstance(v, int) else f"{v:.3g}"
+        return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
 
     for c in checks:
-        status = {True: "met", False: "NOT MET", None: "not measured"}[c["met"]]
+        status = {True: "met", False: "not met", None: "n/a"}[c["met"]]
         value = "-" if c["value"] is None else number(c["value"])
-        print(f"  {c['name']:<66} {value:>9}  ({c.get('op', '≥')} {number(c['threshold'])})  {status:<12} "
+        print(f"  {c['target']}. {c['name']:<88} {value:>9}  ({c['op']} {number(c['threshold'])})  {status:<8} "
               f"{c['detail']}")
 
 
@@ -592,36 +727,37 @@ def library_versions() -> dict:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--probe-max", type=int, default=None,
-                        help=f"largest B the probe tries (default {PROBE_MAX}, --quick {QUICK_PROBE_MAX}; 0: no probe)")
+    parser.add_argument("--probe-batch", type=int, default=None,
+                        help=f"B of the probe (default {PROBE_BATCH:,} at D={PROBE_DIM}; 0: no probe)")
     parser.add_argument("--probe-step-limit-s", type=float, default=150.0,
-                        help="skip a probe doubling whose step would take longer than this (4× the last step)")
+                        help="skip the probe's timed step when its warm-up step took longer than this")
 
 
 def print_memory_model(model: list[dict]) -> None:
     print("\nMemory model (computed, not measured; GB = 1e9 bytes; bf16 features):")
-    print(f"  {'B':>9} {'D':>5} {'one BxB fp32 logits':>20} {'tiled SigLIP':>13} {'tiled CLIP':>11}")
+    print(f"  {'B':>9} {'D':>5} {'one BxB fp32 logits':>20} {'d_img + d_txt':>14} {'tiled SigLIP':>13} "
+          f"{'tiled CLIP':>11}")
     for r in model:
-        print(f"  {r['batch']:>9,} {r['dim']:>5} {r['logits_fp32_gb']:>17.3f} GB {r['tiled_siglip_gb']:>10.3f} GB "
-              f"{r['tiled_clip_gb']:>8.3f} GB")
+        print(f"  {r['batch']:>9,} {r['dim']:>5} {r['logits_fp32_gb']:>17.3f} GB {r['gradients_gb']:>11.3f} GB "
+              f"{r['tiled_siglip_gb']:>10.3f} GB {r['tiled_clip_gb']:>8.3f} GB")
 
 
 def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     run = harness.start(__doc__, PROVIDERS, argv, ops=("siglip_loss", "clip_loss"), libraries=library_versions,
-                        quick_help="B up to 65,536 and the probe up to 2^20", seed_help="seed of the features",
+                        quick_help="B up to 65,536 (the probe still runs)", seed_help="seed of the features",
                         modes_help="comma-separated subset of fwd,bwd,fwd+bwd (default fwd,fwd+bwd)",
                         options=add_options)
     args, device = run.args, run.device
     if run.smoke:
         batches, dims, dtype = SMOKE_BATCHES, SMOKE_DIMS, torch.float32
-        probe_start, probe_max = SMOKE_PROBE
+        probe_b, probe_d = SMOKE_PROBE
     else:
         batches, dims = (QUICK_BATCHES, QUICK_DIMS) if args.quick else (BATCHES, DIMS)
         dtype = torch.bfloat16
-        probe_start, probe_max = PROBE_START, QUICK_PROBE_MAX if args.quick else PROBE_MAX
-    if args.probe_max is not None:
-        probe_max = args.probe_max
+        probe_b, probe_d = PROBE_BATCH, PROBE_DIM
+    if args.probe_batch is not None:
+        probe_b = args.probe_batch
     providers = run.providers(PROVIDERS)
     modes = run.modes(MODES)
     modes.sort(key=MODE_WEIGHT.__getitem__)  # lighter first: an OOM there settles the heavier ones
@@ -634,11 +770,11 @@ def main(argv: list[str] | None = None) -> None:
         config={"dtype": str(dtype).removeprefix("torch."), "batches": list(batches), "dims": list(dims),
                 "logit_scale": INIT_SCALE, "logit_bias": INIT_BIAS,
                 "float32_matmul_precision": torch.get_float32_matmul_precision(),  # the naive loss's fp32 GEMMs
-                "flops": "fwd 2·B²·D, bwd 4·B²·D, fwd+bwd 6·B²·D (useful work, the same for all providers)",
+                "flops": "fwd 2·B²·D, bwd 6·B²·D, fwd+bwd 8·B²·D (issue 17's count: the backward recomputes "
+                         "the logits; the same for all providers)",
                 "peak_memory": "CUDA: max_memory_allocated − memory_allocated before the step" if device.type
                 == "cuda" else "CPU: allocations − frees recorded by torch.profiler(profile_memory=True)",
-                "probe": {"start": probe_start, "max": probe_max, "dim": dims[-1],
-                          "step_limit_s": args.probe_step_limit_s}})
+                "probe": {"batch": probe_b, "dim": probe_d, "step_limit_s": args.probe_step_limit_s}})
     results, probes = payload["results"], payload["probe"]
     oom_points: dict[tuple[str, str], list[OomPoint]] = {}
     for loss in LOSSES:
@@ -661,11 +797,10 @@ def main(argv: list[str] | None = None) -> None:
                 harness.add_ratios(results, OURS)
                 run.save(payload)
 
-    if probe_max >= probe_start and OURS in providers:
-        print(f"\nLargest batch that fits ({OURS}, fwd+bwd, D={dims[-1]}, B from {probe_start:,} to {probe_max:,}):")
+    if probe_b > 0 and OURS in providers:
+        print(f"\nProbe ({OURS}, fwd+bwd, B={probe_b:,}, D={probe_d}: one warm-up step, one timed step):")
         for loss in LOSSES:
-            probes.append(probe_largest_batch(loss, dims[-1], dtype, device, probe_start, probe_max,
-                                              args.probe_step_limit_s, args.seed))
+            probes.append(probe_batch(loss, probe_b, probe_d, dtype, device, args.probe_step_limit_s, args.seed))
             run.save(payload)
 
     payload["checks"] = check_targets(results, payload["cases"], probes)
