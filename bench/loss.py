@@ -511,17 +511,17 @@ def probe_batch(loss: str, batch: int, dim: int, dtype: torch.dtype, device: tor
 
 def memory_model(batches, dims, dtype: torch.dtype) -> list[dict]:
     """One B×B fp32 logits matrix (B²·4 bytes) against what finevit's tiled losses allocate (single process):
-    the d_img and d_txt they return, one chunk of the logit gradient G (`_pairwise.chunk_rows` rows × B, in the
-    features' dtype), d_txt's float32 accumulator (B·D·4), and for CLIP its two float32 log-sum-exp vectors."""
+    the d_img and d_txt they return plus `_pairwise.working_bytes` (one chunk of the logit gradient G, and
+    the float32 d_txt accumulator unless d_txt takes a second pass), and for CLIP two float32 log-sum-exps."""
     element = torch.empty((), dtype=dtype).element_size()
     rows = []
     for d in dims:
         for b in batches:
-            working = _pairwise.chunk_rows(b, b, element) * b * element + b * d * 4
-            rows.append({"batch": b, "dim": d, "logits_fp32_gb": 4 * b * b / GB,
-                         "gradients_gb": 2 * b * d * element / GB,
-                         "tiled_siglip_gb": (2 * b * d * element + working) / GB,
-                         "tiled_clip_gb": (2 * b * d * element + working + 2 * b * 4) / GB})
+            returned, working = 2 * b * d * element, _pairwise.working_bytes(b, b, d, element)
+            rows.append({"batch": b, "dim": d, "logits_fp32_gb": 4 * b * b / GB, "gradients_gb": returned / GB,
+                         "two_pass": _pairwise.two_pass(b, b, d, element),
+                         "tiled_siglip_gb": (returned + working) / GB,
+                         "tiled_clip_gb": (returned + working + 2 * b * 4) / GB})
     return rows
 
 
@@ -532,13 +532,14 @@ def _memory_model_table(rows: list[dict], dtype: torch.dtype) -> dict:
                     f"`peak_in_fp32_bxb` in the JSON) against what finevit's tiled losses allocate in one process: "
                     f"the d_img and d_txt they return in {name}, one row chunk of the logit gradient G (in {name}; "
                     f"{_pairwise.CHUNK_BYTES / 2**20:.0f} MiB, or {_pairwise.MIN_CHUNK_ROWS} rows × B where that is "
-                    f"more), d_txt's float32 accumulator (B·D·4), and CLIP's two float32 log-sum-exp vectors (2·B·4). "
-                    f"GB = 10⁹ bytes.",
-            "header": ["B", "D", "one B×B fp32 logits (GB)", "d_img + d_txt (GB)", "tiled SigLIP (GB)",
+                    f"more), d_txt's float32 accumulator (B·D·4) unless that and the chunk exceed "
+                    f"{_pairwise.MAX_WORKING_BYTES / 2**30:.0f} GiB (then d_txt takes a second pass: 'two passes'), "
+                    f"and CLIP's two float32 log-sum-exp vectors (2·B·4). GB = 10⁹ bytes.",
+            "header": ["B", "D", "one B×B fp32 logits (GB)", "d_img + d_txt (GB)", "passes", "tiled SigLIP (GB)",
                        "tiled CLIP (GB)"],
             "rows": [[f"{r['batch']:,}", str(r["dim"]), harness._fmt(r["logits_fp32_gb"]),
-                      harness._fmt(r["gradients_gb"]), harness._fmt(r["tiled_siglip_gb"]),
-                      harness._fmt(r["tiled_clip_gb"])] for r in rows]}
+                      harness._fmt(r["gradients_gb"]), "2" if r["two_pass"] else "1",
+                      harness._fmt(r["tiled_siglip_gb"]), harness._fmt(r["tiled_clip_gb"])] for r in rows]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -735,11 +736,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def print_memory_model(model: list[dict]) -> None:
     print("\nMemory model (computed, not measured; GB = 1e9 bytes; bf16 features):")
-    print(f"  {'B':>9} {'D':>5} {'one BxB fp32 logits':>20} {'d_img + d_txt':>14} {'tiled SigLIP':>13} "
+    print(f"  {'B':>9} {'D':>5} {'one BxB fp32 logits':>20} {'d_img + d_txt':>14} {'passes':>6} {'tiled SigLIP':>13} "
           f"{'tiled CLIP':>11}")
     for r in model:
         print(f"  {r['batch']:>9,} {r['dim']:>5} {r['logits_fp32_gb']:>17.3f} GB {r['gradients_gb']:>11.3f} GB "
-              f"{r['tiled_siglip_gb']:>10.3f} GB {r['tiled_clip_gb']:>8.3f} GB")
+              f"{2 if r['two_pass'] else 1:>6} {r['tiled_siglip_gb']:>10.3f} GB {r['tiled_clip_gb']:>8.3f} GB")
 
 
 def main(argv: list[str] | None = None) -> None:

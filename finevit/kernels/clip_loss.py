@@ -156,12 +156,15 @@ def _clip_gradients(ring, a, b, scale, lse_a, lse_b, coef, both_directions):
     my_offset = ring.offsets[ring.rank] if ring else 0
     ds = torch.zeros((), dtype=torch.float32, device=a.device)
 
-    def logit_grad(start, stop, shard, owner, g):
+    def logit_grad(start, stop, shard, owner, g, swapped):
         diag_offset = start + my_offset - (ring.offsets[owner] if ring else 0)
         partials = clip_partials(stop - start, shard.shape[0], a.device)
-        clip_logit_grad(a[start:stop], shard, scale, lse_a[start:stop], lse_b, coef, diag_offset, both_directions,
-                        g, partials)
-        ds.add_(partials.sum())
+        # Swapped (one process, both directions): G is symmetric once the two log-sum-exps swap roles.
+        rows, lse_rows, lse_cols = (b, lse_b, lse_a) if swapped else (a, lse_a, lse_b)
+        clip_logit_grad(rows[start:stop], shard, scale, lse_rows[start:stop], lse_cols, coef, diag_offset,
+                        both_directions, g, partials)
+        if not swapped:
+            ds.add_(partials.sum())
 
     d_a, d_b = contrastive_gradients(ring, a, b, logit_grad)
     return d_a, d_b, ds

@@ -107,15 +107,19 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("passes", [1, 2], ids=lambda n: f"{n}pass")
 @pytest.mark.parametrize("loss", ["siglip", "clip"])
-def test_no_batch_by_batch_tensor_exists_in_forward_or_backward(loss, monkeypatch):
-    # The gradient pass holds one chunk of the logit gradient at a time: with a budget of 64 rows, the largest
-    # tensor is a (64, B) chunk — a quarter of B² — and the gradients take 4 chunks.
+def test_no_batch_by_batch_tensor_exists_in_forward_or_backward(loss, passes, monkeypatch):
+    # The gradient pass holds one chunk of the logit gradient at a time: with a budget of 64 rows (one pass;
+    # 128, the least, with two), the largest tensor is a (chunk, B) chunk — at most a quarter of B².
     from finevit.kernels import _pairwise
 
-    batch, dim = 256, 8 * 2  # B² = 65536 elements, B·D = 4096
+    batch, dim = 512, 8 * 2  # B² = 262,144 elements, B·D = 8192
     monkeypatch.setattr(_pairwise, "CHUNK_BYTES", 64 * batch * 4)
     monkeypatch.setattr(_pairwise, "MIN_CHUNK_ROWS", 64)
+    monkeypatch.setattr(_pairwise, "MAX_WORKING_BYTES", 0 if passes == 2 else 2**30)
+    assert _pairwise.two_pass(batch, batch, dim, 4) == (passes == 2)
+    chunk = 64 * passes
     img, txt = features(batch, dim, torch.float32)
     img.requires_grad_()
     txt.requires_grad_()
@@ -123,21 +127,27 @@ def test_no_batch_by_batch_tensor_exists_in_forward_or_backward(loss, monkeypatc
     with LargestTensor() as mode:
         out = K.siglip_loss(img, txt, scale, bias) if loss == "siglip" else K.clip_loss(img, txt, scale)
         out.backward()
-    assert mode.largest <= 64 * batch, f"a tensor of {mode.largest} elements was created (B² = {batch * batch})"
+    assert mode.largest <= chunk * batch, f"a tensor of {mode.largest} elements was created (B² = {batch * batch})"
     with LargestTensor() as mode:  # the check itself can fail: the reference does build the logits
         reference.siglip_loss(img, txt, scale, bias).backward()
     assert mode.largest >= batch * batch
 
 
 @pytest.mark.parametrize("loss", ["siglip", "clip"])
-@pytest.mark.parametrize("chunk", [64, 128], ids=lambda c: f"chunk{c}")
-def test_gradients_do_not_depend_on_the_chunking(loss, chunk, monkeypatch):
-    """Several logit-gradient chunks, the last one partial (300 rows): the same loss and gradients as float64."""
+@pytest.mark.parametrize("chunk, passes, splits", [(64, 1, 1), (128, 1, 1), (128, 2, 1), (128, 1, 3), (128, 2, 3)],
+                         ids=lambda v: str(v))
+def test_gradients_do_not_depend_on_the_chunking(loss, chunk, passes, splits, monkeypatch):
+    """Several logit-gradient chunks, the last one partial (300 rows), d_txt accumulated over the chunks (one
+    pass) or finished by a second pass over the texts, GEMMs split over K or not: the same loss and gradients
+    as float64."""
     from finevit.kernels import _pairwise
 
     monkeypatch.setattr(_pairwise, "CHUNK_BYTES", chunk * 300 * 4)
     monkeypatch.setattr(_pairwise, "MIN_CHUNK_ROWS", chunk)
-    assert _pairwise.chunk_rows(300, 300, 4) == chunk
+    monkeypatch.setattr(_pairwise, "MAX_WORKING_BYTES", 0 if passes == 2 else 2**30)
+    monkeypatch.setattr(_pairwise, "SPLIT_K_MIN", 64)
+    monkeypatch.setattr(_pairwise, "matmul_splits", lambda m, n, k, device: splits)
+    assert _pairwise.chunk_rows(300, 300, 4, 128 if passes == 2 else chunk) == chunk
     img, txt = features(300, 40, torch.float32)
     scalars = [torch.tensor(10.0), torch.tensor(-5.0)][: 2 if loss == "siglip" else 1]
     fn = K.siglip_loss if loss == "siglip" else K.clip_loss
@@ -148,6 +158,24 @@ def test_gradients_do_not_depend_on_the_chunking(loss, chunk, monkeypatch):
     for got, expected in zip(ours_grads, want_grads):  # float32 rounding of logits up to s = 10, over B = 300
         assert expected.abs().max() > 1e-3  # a chunk left out would show far above the tolerance
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5 * 10 / 300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda n: f"split{n}")
+def test_the_gemm_matches_float64_with_and_without_split_k(dtype, accumulate, splits, monkeypatch):
+    """contrastive_matmul on a transposed A (the d_txt product reads Gᵀ) and ragged M, N, K: c (+)= a @ b."""
+    from finevit.kernels import _pairwise
+
+    monkeypatch.setattr(_pairwise, "SPLIT_K_MIN", 64)  # K = 300 in ranges of 128, 128, 44 rows
+    a = torch.randn(300, 100, dtype=torch.float64).to(dtype).to(DEVICE).T  # (100, 300), strides (1, 100)
+    b = torch.randn(300, 70, dtype=torch.float64).to(dtype).to(DEVICE)
+    c = torch.randn(100, 70, dtype=torch.float32, device=DEVICE)
+    want = a.double() @ b.double() + (c.double() if accumulate else 0)
+    if not accumulate:
+        c = c.to(dtype)
+    torch.ops.finevit.contrastive_matmul(a, b, c, accumulate, splits)
+    torch.testing.assert_close(c.double(), want, rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-4)
 
 
 def test_gradients_are_computed_in_the_forward_only_when_wanted():
@@ -169,13 +197,32 @@ def test_gradients_are_computed_in_the_forward_only_when_wanted():
     with Count():
         K.siglip_loss(img, txt, scale.detach(), bias.detach())
     assert calls == []
+    img.requires_grad_()
+
+    class NewFeatureSized(TorchDispatchMode):  # img-sized results in new memory (not in place, not a view)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {t.untyped_storage().data_ptr() for t in [*args, *(kwargs or {}).values()]
+                     if isinstance(t, torch.Tensor)}
+            new.extend(t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)
+                       and t.numel() == img.numel() and t.untyped_storage().data_ptr() not in given)
+            return out
+
     with Count():
         loss = K.siglip_loss(img, txt, scale, bias)
     assert len(calls) == 1
-    loss.backward(torch.tensor(3.0))  # the backward reuses the forward's gradients, times the incoming one
-    assert len(calls) == 1
-    want_scale = torch.autograd.grad(3 * reference.siglip_loss(img, txt, scale, bias), scale)[0]
-    torch.testing.assert_close(scale.grad, want_scale, rtol=1e-5, atol=1e-6)
+    new = []
+    with NewFeatureSized():  # the backward reuses the forward's gradients, times the incoming one, in place
+        loss.backward(torch.tensor(3.0), retain_graph=True)
+    assert len(calls) == 1 and new == []
+    want_img, want_scale = torch.autograd.grad(reference.siglip_loss(img, txt, scale, bias), (img, scale))
+    torch.testing.assert_close(scale.grad, 3 * want_scale, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(img.grad, 3 * want_img, rtol=1e-5, atol=1e-6)
+    with Count():  # a second backward through the graph has no forward gradients left: it recomputes them
+        loss.backward(torch.tensor(2.0))
+    assert len(calls) == 2
+    torch.testing.assert_close(scale.grad, 5 * want_scale, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(img.grad, 5 * want_img, rtol=1e-5, atol=1e-6)
 
 
 def test_loss_ops_have_fake_implementations():
@@ -189,7 +236,7 @@ def test_loss_ops_have_fake_implementations():
         torch.ops.finevit.siglip_logit_grad(x, x, s, s, s, 0, torch.empty(8, 8), torch.empty(3, 1))
         torch.ops.finevit.row_lse(x, x, s, rows)
         torch.ops.finevit.clip_logit_grad(x, x, s, rows, rows, s, 0, True, torch.empty(8, 8), torch.empty(1))
-        torch.ops.finevit.contrastive_matmul(torch.empty(8, 8), x, torch.empty(8, 16), True)
+        torch.ops.finevit.contrastive_matmul(torch.empty(8, 8), x, torch.empty(8, 16), True, 2)
 
 
 @pytest.mark.gpu
