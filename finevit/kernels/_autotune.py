@@ -98,11 +98,13 @@ class Autotuner(_TritonAutotuner):
             ) from error
 
 
-def autotune(configs: list[triton.Config], key: list[str], **options):
-    """Decorator like `triton.autotune(configs, key, ...)` that builds the `Autotuner` above."""
+def autotune(configs: list[triton.Config], key: list[str], restore_value: list[str] | None = None, **options):
+    """Decorator like `triton.autotune(configs, key, ...)` that builds the `Autotuner` above. `restore_value`
+    names the arguments a kernel adds into (read-modify-write): they are saved before and restored after each
+    timed run of a candidate, or tuning would add the result into them once per run."""
 
     def decorator(fn):
-        return Autotuner(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=None, **options)
+        return Autotuner(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=restore_value, **options)
 
     return decorator
 

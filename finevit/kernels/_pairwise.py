@@ -74,13 +74,16 @@ def check_contrastive(op: str, img, txt, logit_scale, logit_bias, group) -> None
 @triton.jit
 def _dot_tile(A, B, offs_a, offs_b, mask_a, mask_b, dim, stride_a, stride_b,
               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """a_i · b_j for the (BLOCK_A, BLOCK_B) tile, float32, summed over D in BLOCK_D chunks."""
+    """a_i · b_j for the (BLOCK_A, BLOCK_B) tile, float32, summed over D in BLOCK_D chunks. Row offsets in
+    int64: 1M rows with a row stride above 2048 (a view of wider features) pass 2^31 elements."""
+    a_rows = A + offs_a.to(tl.int64)[:, None] * stride_a
+    b_rows = B + offs_b.to(tl.int64)[:, None] * stride_b
     acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
     for d in range(0, dim, BLOCK_D):
         offs_d = d + tl.arange(0, BLOCK_D)
         mask_d = offs_d < dim
-        a = tl.load(A + offs_a[:, None] * stride_a + offs_d[None, :], mask=mask_a[:, None] & mask_d[None, :], other=0.0)
-        b = tl.load(B + offs_b[:, None] * stride_b + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        a = tl.load(a_rows + offs_d[None, :], mask=mask_a[:, None] & mask_d[None, :], other=0.0)
+        b = tl.load(b_rows + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc)
     return acc
 
@@ -130,8 +133,9 @@ _MATMUL_SHAPES = {
     False: [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3)],
     True: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3)],  # fp32 operands: twice the bytes
 }
-_matmul_tuned = {fp32: autotune(configs(["BLOCK_M", "BLOCK_N", "BLOCK_K"], shapes), key=["N", "stride_ak"])(
-    _matmul_kernel) for fp32, shapes in _MATMUL_SHAPES.items()}
+# restore_value: with ACCUMULATE the kernel adds into C, which the tuning runs must not do.
+_matmul_tuned = {fp32: autotune(configs(["BLOCK_M", "BLOCK_N", "BLOCK_K"], shapes), key=["N", "stride_ak"],
+                                restore_value=["C"])(_matmul_kernel) for fp32, shapes in _MATMUL_SHAPES.items()}
 _MATMUL_INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
 
 

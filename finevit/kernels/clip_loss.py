@@ -204,6 +204,6 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, *
     logit_scale · img @ txtᵀ against every row of the global batch. Arguments as in `siglip_loss`.
     """
     check_contrastive("clip_loss", img, txt, logit_scale, None, group)
-    if not _dispatch.use_triton("clip_loss", img.device):
+    if not _dispatch.use_triton("clip_loss", img.device) or img.dtype == torch.float64:  # fp64: a test dtype
         return reference.clip_loss(img, txt, logit_scale, group=group)
     return _ClipLoss.apply(img, txt, logit_scale, group)

@@ -11,9 +11,10 @@ Gradients (`_pairwise.contrastive_gradients`): a kernel recomputes each logit ti
     G_ij = s·∂L/∂z_ij = −s·y_ij σ(−y_ij z_ij) / B_local     (a chunk of rows at a time, in the features' dtype)
 with each tile's sums of the loss, of g_ij·x_i·t_j (∂L/∂s) and of g_ij (∂L/∂b); then two GEMMs give
     dx = G @ t,   dt = Gᵀ @ x.
-Single process, with gradients wanted: this runs in the forward (the loss comes from the same tiles, so
-the logits are computed once) and the backward only multiplies by the incoming gradient. Otherwise the
-forward writes per-row loss sums only (O(B)) and the backward runs the gradient pass.
+Single process, with gradients wanted, bf16 or fp32 features: this runs in the forward (the loss comes from
+the same tiles, so the logits are computed once) and the backward only multiplies by the incoming gradient.
+Otherwise (fp16, whose G must wait for a loss scaler's gradient; or a ring) the forward writes per-row loss
+sums only (O(B)) and the backward runs the gradient pass.
 Distributed: text shards travel around a ring (`_pairwise.ring_forward` / `ring_backward`), each step's tile
 work overlapping the next transfer; text gradients travel with their shard back to the owner. The scale and
 bias gradients are this rank's partial sums (∂L_rank/∂s): the usual data-parallel average of parameter
@@ -156,8 +157,9 @@ def _(x, t, scale, bias, coef, diag_offset, g, partials):
 
 
 class _SigLipLoss(torch.autograd.Function):
-    """Without a process group the gradients are computed in the forward, from the same logit tiles as the
-    loss (one logits product instead of two; the backward only multiplies them by the incoming gradient).
+    """Without a process group (and for bf16/fp32 features) the gradients are computed in the forward, from
+    the same logit tiles as the loss (one logits product instead of two; the backward only multiplies them
+    by the incoming gradient).
     With a group they are computed in the backward, where each rank knows its own incoming gradient: the
     text gradients a rank computes travel to other ranks and must carry that rank's scale, not theirs."""
 
@@ -233,7 +235,10 @@ def siglip_loss(
     each rank's loss covers its own rows against every text. Returns a float32 (float64) scalar.
     """
     check_contrastive("siglip_loss", img, txt, logit_scale, logit_bias, group)
-    if not _dispatch.use_triton("siglip_loss", img.device):
+    if not _dispatch.use_triton("siglip_loss", img.device) or img.dtype == torch.float64:  # fp64: a test dtype
         return reference.siglip_loss(img, txt, logit_scale, logit_bias, group=group)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (img, txt, logit_scale, logit_bias))
-    return _SigLipLoss.apply(img, txt, logit_scale, logit_bias, group, needs_grad and group is None)
+    # Not for fp16: the forward stores G before it knows the incoming gradient, so G = σ·s/B underflows fp16
+    # (6.9e-9 at B = 65,536) where the backward's G, times a loss scaler's 65536, is representable.
+    in_forward = needs_grad and group is None and img.dtype != torch.float16
+    return _SigLipLoss.apply(img, txt, logit_scale, logit_bias, group, in_forward)

@@ -8,6 +8,7 @@ loss computed in the same dtype (what users run today), plus a float32-rounding 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import finevit.kernels as K
@@ -178,6 +179,35 @@ def test_the_gemm_matches_float64_with_and_without_split_k(dtype, accumulate, sp
     torch.testing.assert_close(c.double(), want, rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-4)
 
 
+def test_tuning_the_accumulating_gemm_adds_its_product_once(monkeypatch):
+    """On a GPU the autotuner times each candidate by running it many times, and the accumulating GEMM adds
+    into C: C must be restored after every timed run. The real autotuner over the real kernel (in the
+    interpreter on CPU), each candidate timed by three runs."""
+    from finevit.kernels import _pairwise
+
+    def bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    tuner = _pairwise._matmul_tuned[False]
+    monkeypatch.setattr(tuner, "_do_bench", bench, raising=False)
+    monkeypatch.setattr(tuner, "do_bench", bench, raising=False)
+    monkeypatch.setattr(tuner, "cache", {})
+    a = torch.randn(48, 40, dtype=torch.float16, device=DEVICE)
+    b = torch.randn(40, 24, dtype=torch.float16, device=DEVICE)
+    c = torch.randn(48, 24, dtype=torch.float32, device=DEVICE)
+    want = a.double() @ b.double() + c.double()
+
+    def grid(meta):
+        return (triton.cdiv(48, meta["BLOCK_M"]) * triton.cdiv(24, meta["BLOCK_N"]), 1)
+
+    tuner[grid](a, b, c, 48, 24, 40, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), 40, 0,
+                ACCUMULATE=True, GROUP_M=8)
+    assert len(tuner.cache) == 1  # it did tune
+    torch.testing.assert_close(c.double(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_gradients_are_computed_in_the_forward_only_when_wanted():
     """Single process: the SigLIP forward computes the gradients too, unless no gradient is wanted (no_grad,
     or no input requires grad), where it must cost one forward pass only."""
@@ -223,6 +253,35 @@ def test_gradients_are_computed_in_the_forward_only_when_wanted():
     assert len(calls) == 2
     torch.testing.assert_close(scale.grad, 5 * want_scale, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(img.grad, 5 * want_img, rtol=1e-5, atol=1e-6)
+    # fp16: G waits for the incoming gradient (a loss scaler's), so the gradients are computed in the backward.
+    img16 = img.detach().half().requires_grad_()
+    with Count():
+        loss = K.siglip_loss(img16, txt.half(), scale, bias)
+    assert len(calls) == 2
+    with Count():
+        loss.backward()
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+def test_float64_runs_the_reference(loss):
+    """float64 (a testing dtype; the kernels accumulate in fp32) takes the PyTorch reference: no kernel op."""
+    ops = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    img, txt = features(20, 8, torch.float64)
+    scalars = [torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)]
+    fn, ref_fn = (K.siglip_loss, reference.siglip_loss) if loss == "siglip" else (K.clip_loss, reference.clip_loss)
+    scalars = scalars[: 2 if loss == "siglip" else 1]
+    with Ops():
+        got, got_grads = run(fn, img, txt, scalars)
+    assert ops and "finevit" not in ops
+    want, want_grads = run(ref_fn, img, txt, scalars)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_loss_ops_have_fake_implementations():
