@@ -56,8 +56,10 @@ def _block_flops(lengths: torch.Tensor, width: int, mlp_dim: int, gated: bool) -
 
 
 def forward_flops(model_config, image_lengths: torch.Tensor, text_lengths: torch.Tensor,
-                  global_batch: int) -> dict[str, float]:
-    """Forward FLOPs of one micro-batch on this rank, per part (formulas in the module doc)."""
+                  global_batch: int | torch.Tensor) -> dict[str, float | torch.Tensor]:
+    """Forward FLOPs of one micro-batch on this rank, per part (formulas in the module doc). The lengths are
+    CPU tensors; `global_batch` (the images of the micro-batch over every rank) may be a device scalar, which
+    the trainer passes so that counting never waits for the device: the loss part is then a device scalar."""
     v, t = model_config.vision, model_config.text
     vg, tg = v.mlp == "swiglu", t.mlp == "swiglu"
     n = image_lengths.double()
@@ -72,7 +74,7 @@ def forward_flops(model_config, image_lengths: torch.Tensor, text_lengths: torch
     return {"vision": vision, "text": text, "proj": proj, "loss": loss}
 
 
-def training_flops(model_config, image_lengths, text_lengths, global_batch: int) -> float:
+def training_flops(model_config, image_lengths, text_lengths, global_batch: int | torch.Tensor) -> float | torch.Tensor:
     """Model FLOPs of forward + backward (3 × forward) for one micro-batch on this rank."""
     return 3.0 * sum(forward_flops(model_config, image_lengths, text_lengths, global_batch).values())
 
@@ -202,9 +204,12 @@ class Meter:
         self.steps = 0
         self.started = time.perf_counter()
 
-    def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.images, self.patches, self.text_tokens, self.flops, self.data_seconds],
-                            dtype=torch.float64)
+    def as_tensor(self, device: torch.device) -> torch.Tensor:
+        """The counts on `device`, for an all-reduce; `flops` may be a device scalar (`training_flops`)."""
+        counts = torch.tensor([self.images, self.patches, self.text_tokens, 0.0, self.data_seconds],
+                              dtype=torch.float64, device=device)
+        counts[3] += self.flops
+        return counts
 
 
 class MetricsWriter:

@@ -70,7 +70,7 @@ def contrastive_loss(kind: str, img, txt, scale, bias, group) -> torch.Tensor:
     return K.clip_loss(img, txt, scale, group=group)
 
 
-def forward_backward_step(model, batch: dict, kind: str, group, weight: float) -> torch.Tensor:
+def forward_backward_step(model, batch: dict, kind: str, group, weight: torch.Tensor) -> torch.Tensor:
     """Forward, loss, backward of one micro-batch, the loss scaled by `weight` = n_r · W / N (module doc).
     Returns the micro-batch's loss summed over this rank's rows (detached)."""
     img, txt, scale, bias = model(batch["image"], batch["text"])
@@ -81,20 +81,24 @@ def forward_backward_step(model, batch: dict, kind: str, group, weight: float) -
 
 def forward_backward(model, batches: list[dict], kind: str, group) -> dict:
     """Accumulate the gradient of the step's mean per-image loss J over all ranks and micro-batches (module
-    doc). Every rank calls it with the same number of micro-batches (each of any size)."""
+    doc). Every rank calls it with the same number of micro-batches (each of any size).
+
+    Nothing is read back to the host: the image counts of every rank are summed on the device and the loss
+    weights stay device scalars, so the host queues the step's work without waiting for the previous step.
+    Returns device scalars: this rank's loss sum, the step's images over all ranks, and per micro-batch."""
     world_size = dist.get_world_size(group)
-    counts = [b["image"]["cu_seqlens"].numel() - 1 for b in batches]
     device = batches[0]["image"]["patches"].device
-    totals = torch.tensor(counts, dtype=torch.float64, device=device)
+    counts = torch.tensor([b["image"]["cu_seqlens"].numel() - 1 for b in batches], dtype=torch.float64)
+    counts = counts.to(device, non_blocking=True)
+    totals = counts.clone()
     dist.all_reduce(totals, group=group)  # images of each micro-batch, over all ranks
-    totals = totals.tolist()
-    total_images = sum(totals)
+    total_images = totals.sum()
+    weights = (counts * world_size / total_images).float()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         model.set_requires_gradient_sync(i == len(batches) - 1)  # one reduce-scatter per step
-        weight = counts[i] * world_size / total_images
-        loss_sum += forward_backward_step(model, batch, kind, group, weight).double()
-    return {"loss_sum": loss_sum, "total_images": total_images, "images_per_micro_batch": [int(t) for t in totals]}
+        loss_sum += forward_backward_step(model, batch, kind, group, weights[i]).double()
+    return {"loss_sum": loss_sum, "total_images": total_images, "images_per_micro_batch": totals}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,7 +171,8 @@ class Trainer(TrainerBase):
     # -- one step -----------------------------------------------------------------------------------
 
     def next_micro_batches(self) -> list[dict]:
-        """The step's micro-batches of this rank, moved to the device; the wait counts as data time."""
+        """The step's micro-batches of this rank, moved to the device, with their sequence lengths read from
+        the host copy (for the meter: never from the device); the wait counts as data time."""
         started = time.perf_counter()
         batches = []
         for _ in range(self.cfg.training.grad_accum_steps):
@@ -175,7 +180,9 @@ class Trainer(TrainerBase):
             batches.append({"image": {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                                       for k, v in batch["image"].items()},
                             "text": {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                                     for k, v in batch["text"].items()}})
+                                     for k, v in batch["text"].items()},
+                            "lengths": (sequence_lengths(batch["image"]["cu_seqlens"]),
+                                        sequence_lengths(batch["text"]["cu_seqlens"]))})
         self.meter.data_seconds += time.perf_counter() - started
         return batches
 
@@ -184,8 +191,7 @@ class Trainer(TrainerBase):
         self.optimizer.zero_grad(set_to_none=True)
         out = forward_backward(self.model, batches, self.model_config.loss, self.group)
         for batch, total in zip(batches, out["images_per_micro_batch"]):
-            image_lengths = sequence_lengths(batch["image"]["cu_seqlens"])
-            text_lengths = sequence_lengths(batch["text"]["cu_seqlens"])
+            image_lengths, text_lengths = batch["lengths"]
             self.meter.images += len(image_lengths)
             self.meter.patches += int(image_lengths.sum())
             self.meter.text_tokens += int(text_lengths.sum())
@@ -202,9 +208,9 @@ class Trainer(TrainerBase):
     def log(self, out: dict) -> None:
         loss = out["loss_sum"].clone()
         dist.all_reduce(loss, group=self.group)
-        loss = float(loss) / out["total_images"]  # the mean per-image loss of the step (what J is)
+        loss = float(loss / out["total_images"])  # the mean per-image loss of the step (what J is)
         self.last_loss = loss
-        counts = self.meter.as_tensor().to(self.device)
+        counts = self.meter.as_tensor(self.device)
         dist.all_reduce(counts, group=self.group)
         images, patches, text_tokens, flops, data_seconds = counts.tolist()
         skipped = self.skipped_samples()

@@ -151,16 +151,17 @@ def forward_backward(model, batches: list[dict], group) -> dict:
     """Accumulate ∇J, J = the mean loss over every supervised token of the step, all ranks (module doc)."""
     world_size = dist.get_world_size(group)
     device = batches[0]["input_ids"].device
-    counts = torch.tensor([float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches],
-                          dtype=torch.float64, device=device)
+    # Supervised tokens of each micro-batch, summed over the ranks on the device: no value is read back to
+    # the host, so the step's work is queued without waiting for the device.
+    counts = torch.stack([(b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches]).double()
     dist.all_reduce(counts, group=group)
-    total = float(counts.sum())
+    total = counts.sum()
     task_loss = torch.zeros(len(TASKS), dtype=torch.float64, device=device)
     task_tokens = torch.zeros(len(TASKS), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         model.set_requires_gradient_sync(i == len(batches) - 1)  # one reduce-scatter per step
         losses = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"])
-        (losses.sum() * (world_size / total)).backward()
+        (losses.sum() * (world_size / total).float()).backward()
         tasks = supervised_tasks(batch)
         task_loss.index_add_(0, tasks, losses.detach().double())
         task_tokens.index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float64))
@@ -310,7 +311,12 @@ class Trainer(TrainerBase):
                                     self.cfg.tasks.turns, rng)
             image = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                      for k, v in batch["image"].items()}
-            batches.append({"image": image, **{k: v.to(self.device, non_blocking=True) for k, v in sequences.items()}})
+            # What the meter counts, from the host copies (never read back from the device).
+            meter = {"image_lengths": sequence_lengths(batch["image"]["cu_seqlens"]),
+                     "llm_lengths": sequences["attention_mask"].sum(1),
+                     "supervised": int((sequences["labels"][:, 1:] != IGNORE_INDEX).sum())}
+            batches.append({"image": image, "meter": meter,
+                            **{k: v.to(self.device, non_blocking=True) for k, v in sequences.items()}})
         self.meter.data_seconds += time.perf_counter() - started
         return batches
 
@@ -319,9 +325,8 @@ class Trainer(TrainerBase):
         self.optimizer.zero_grad(set_to_none=True)
         out = forward_backward(self.model, batches, self.group)
         for batch in batches:
-            image_lengths = sequence_lengths(batch["image"]["cu_seqlens"])
-            llm_lengths = batch["attention_mask"].sum(1).cpu()
-            supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            image_lengths, llm_lengths = batch["meter"]["image_lengths"], batch["meter"]["llm_lengths"]
+            supervised = batch["meter"]["supervised"]
             self.meter.images += len(image_lengths)
             self.meter.patches += int(image_lengths.sum())
             self.meter.text_tokens += int(llm_lengths.sum())
@@ -344,7 +349,7 @@ class Trainer(TrainerBase):
         loss = float(task_loss.sum() / task_tokens.sum())
         self.last_loss = loss
         self.last_task_loss = {t: float(task_loss[i] / task_tokens[i]) for i, t in enumerate(TASKS) if task_tokens[i]}
-        counts = self.meter.as_tensor().to(self.device)
+        counts = self.meter.as_tensor(self.device)
         dist.all_reduce(counts, group=self.group)
         images, patches, llm_tokens, flops, data_seconds = counts.tolist()
         skipped = self.skipped_samples()

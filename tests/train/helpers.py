@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE1 = REPO / "train" / "stage1.py"
@@ -23,6 +26,30 @@ TINY = [
     "--data.shuffle_buffer=16", "--data.pack_buffer=16", "--training.threads=1",
     "--lr_scheduler.warmup_steps=2", "--metrics.log_freq=1", "--metrics.tensorboard=false",
 ]
+
+
+@contextlib.contextmanager
+def host_reads(code):
+    """Records every read of a tensor's value into host memory (item, tolist, float, int, bool, cpu, numpy) that
+    the function whose `__code__` is `code` makes itself: on a GPU each one waits for the device."""
+    reads: list[str] = []
+    names = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def recording(name):
+        def method(self, *args, **kwargs):
+            if sys._getframe(1).f_code is code:
+                reads.append(f"{name} at line {sys._getframe(1).f_lineno}")
+            return originals[name](self, *args, **kwargs)
+        return method
+
+    for name in names:
+        setattr(torch.Tensor, name, recording(name))
+    try:
+        yield reads
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from finevit import kernels as K
 from finevit.model import FineCLIP, FineCLIPConfig, FineViTConfig, TextConfig
 from tests.model.helpers import make_image_batch, make_text_batch
-from tests.train.helpers import REPO, free_port
+from tests.train.helpers import REPO, free_port, host_reads
 
 # Per micro-batch: (grids, text lengths) of each rank's images, in rank order (unequal shards).
 MICRO_BATCHES = [
@@ -99,10 +99,12 @@ def check_step(rank: int, world_size: int, loss_kind: str):
     # FSDP2: the trainer's step. (eps: Adam's first step is g / (|g| + eps), a sign function of rounding
     # noise for gradients near 0 with the default 1e-8; a larger eps keeps the comparison meaningful.)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4, weight_decay=0.1, foreach=True)
-    out = forward_backward(model, [mb[rank] for mb in batches], loss_kind, dist.group.WORLD)
+    with host_reads(forward_backward.__code__) as reads:  # on a GPU, each would wait for the previous step
+        out = forward_backward(model, [mb[rank] for mb in batches], loss_kind, dist.group.WORLD)
+    assert reads == [], reads
     loss_sum = out["loss_sum"].clone()
     dist.all_reduce(loss_sum)
-    fsdp_loss = float(loss_sum) / out["total_images"]
+    fsdp_loss = float(loss_sum / out["total_images"])
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     fsdp_norm = clip_grad_norm_(model.parameters(), max_norm)
     opt.step()
