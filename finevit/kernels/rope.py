@@ -84,6 +84,22 @@ def _rope_kernel(
     mask_h = offs_h < num_heads
     mask_j = offs_j < ROTARY_HALF
 
+    # (BLOCK_T, BLOCK_H, 1) row starts of every (token, head) of the tile
+    x_rows = X + offs_t[:, None, None] * stride_x_tok + offs_h[None, :, None] * stride_x_head
+    out_rows = OUT + offs_t[:, None, None] * stride_out_tok + offs_h[None, :, None] * stride_out_head
+    rows_mask = mask_t[:, None, None] & mask_h[None, :, None]
+
+    # x first: its loads are in flight while cos/sin are loaded and broadcast over the heads (a layout
+    # change through shared memory, behind barriers that the x loads would otherwise wait for: two memory
+    # latencies per program instead of one). The two rotate-half halves, (BLOCK_T, BLOCK_H, BLOCK_HALF).
+    mask = rows_mask & mask_j[None, None, :]
+    x1 = tl.load(x_rows + offs_j[None, None, :], mask=mask, other=0.0)
+    x2 = tl.load(x_rows + ROTARY_HALF + offs_j[None, None, :], mask=mask, other=0.0)
+    if BLOCK_PASS > 0:  # channels [r, head_dim) are copied through bit for bit
+        offs_p = 2 * ROTARY_HALF + tl.arange(0, BLOCK_PASS)
+        pass_mask = rows_mask & (offs_p < HEAD_DIM)[None, None, :]
+        rest = tl.load(x_rows + offs_p[None, None, :], mask=pass_mask)
+
     # cos/sin rows of the tile's tokens, (BLOCK_T, BLOCK_HALF); masked lanes rotate by the identity.
     cs_mask = mask_t[:, None] & mask_j[None, :]
     cos = tl.load(COS + offs_t[:, None] * stride_cos_tok + offs_j[None, :], mask=cs_mask, other=1.0)
@@ -93,26 +109,12 @@ def _rope_kernel(
     cos = cos[:, None, :]  # (BLOCK_T, 1, BLOCK_HALF), broadcast over heads
     sin = sin[:, None, :]
 
-    # (BLOCK_T, BLOCK_H, 1) row starts of every (token, head) of the tile
-    x_rows = X + offs_t[:, None, None] * stride_x_tok + offs_h[None, :, None] * stride_x_head
-    out_rows = OUT + offs_t[:, None, None] * stride_out_tok + offs_h[None, :, None] * stride_out_head
-    rows_mask = mask_t[:, None, None] & mask_h[None, :, None]
-
-    # The two rotate-half halves, (BLOCK_T, BLOCK_H, BLOCK_HALF). Multiplying by the fp32 tables promotes
-    # fp16/bf16 to fp32 (fp64 stays fp64), so all the math is done in at least fp32.
-    mask = rows_mask & mask_j[None, None, :]
-    x1 = tl.load(x_rows + offs_j[None, None, :], mask=mask, other=0.0)
-    x2 = tl.load(x_rows + ROTARY_HALF + offs_j[None, None, :], mask=mask, other=0.0)
+    # Multiplying by the fp32 tables promotes fp16/bf16 to fp32 (fp64 stays fp64): the math is in >= fp32.
     out1 = x1 * cos - x2 * sin
     out2 = x2 * cos + x1 * sin
     tl.store(out_rows + offs_j[None, None, :], out1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(out_rows + ROTARY_HALF + offs_j[None, None, :], out2.to(OUT.dtype.element_ty), mask=mask)
-
-    # Channels [r, head_dim) are copied through bit for bit.
     if BLOCK_PASS > 0:
-        offs_p = 2 * ROTARY_HALF + tl.arange(0, BLOCK_PASS)
-        pass_mask = rows_mask & (offs_p < HEAD_DIM)[None, None, :]
-        rest = tl.load(x_rows + offs_p[None, None, :], mask=pass_mask)
         tl.store(out_rows + offs_p[None, None, :], rest, mask=pass_mask)
 
 
