@@ -25,7 +25,8 @@
 #                       88, 128 with and without RoPE, against PyTorch's bf16 error (table in the summary);
 #                       TRITON_CACHE_AUTOTUNING=1 keeps its autotune choices on disk for the next stage
 #   bench_train_step 90 s, bench_attention 90 s, bench_loss 120 s (its 1M-pair probe alone takes ~1 min),
-#                       bench_patch_embed 45 s, bench_integrations 45 s:
+#                       bench_patch_embed 45 s, bench_rope 45 s (3 cases; its torch.compile baseline's compiles come
+#                       from the warm-up's caches), bench_integrations 45 s:
 #                       one --quick run each (train_step's --quick runs b16 and so400m14, head dim 72, at 16k
 #                       tokens), one after the other; their Targets blocks, and train_step's host syncs per step,
 #                       go to the summary
@@ -99,7 +100,7 @@ export work="$scratch/gpu_check"
 mkdir -p "$work/results"
 summary="$out/summary.txt"
 rm -f "$summary" "$out/gpu_check.tar.gz"
-benches=(train_step attention loss patch_embed integrations)  # the order they run in: what the issues ask for first
+benches=(train_step attention loss patch_embed rope integrations)  # the order they run in: what the issues ask for first
 all_stages=(environment warmup pytest repro "${benches[@]/#/bench_}" sanitizer aot)
 n_failed=0 n_cut=0 n_time=0 failed_names="" stage_pid="" current=""
 
@@ -204,15 +205,18 @@ export -f summarise
 if [ "$cpu" = 1 ]; then
   bench_mode="--cpu-smoke"
   declare -A limits=([environment]=30 [warmup]=40 [pytest]=45 [repro]=45 [sanitizer]=10 [aot]=45
-    [bench_attention]=60 [bench_loss]=60 [bench_patch_embed]=60 [bench_integrations]=60 [bench_train_step]=60)
+    [bench_attention]=60 [bench_loss]=60 [bench_patch_embed]=60 [bench_rope]=30 [bench_integrations]=60
+    [bench_train_step]=60)
   warm_shards="patch_embed=2" warm_shard_list="patch_embed:0/2" kernel_shards=1
 else
   bench_mode=$([ "$full" = 1 ] && echo "" || echo "--quick")
   declare -A limits=([environment]=60 [warmup]=75 [pytest]=150 [repro]=60 [sanitizer]=60 [aot]=90
-    [bench_attention]=90 [bench_loss]=120 [bench_patch_embed]=45 [bench_integrations]=45 [bench_train_step]=90)
-  # warm-up shards per bench (loss has fixed configs) and of warm_kernels.py: 21 processes for 16 cores (compiling
-  # is most of their work; the tests' kernels, fp32 attention above all, are the largest share)
-  warm_shards="attention=6 patch_embed=2 integrations=3 train_step=2" warm_shard_list="" kernel_shards=8
+    [bench_attention]=90 [bench_loss]=120 [bench_patch_embed]=45 [bench_rope]=45 [bench_integrations]=45
+    [bench_train_step]=90)
+  # warm-up shards per bench (loss has fixed configs; rope's kernel too, but its torch.compile baseline compiles per
+  # case) and of warm_kernels.py: 23 processes for 16 cores (compiling is most of their work; the tests' kernels,
+  # fp32 attention above all, are the largest share)
+  warm_shards="attention=6 patch_embed=2 rope=2 integrations=3 train_step=2" warm_shard_list="" kernel_shards=8
 fi
 export bench_mode warm_shards warm_shard_list kernel_shards
 

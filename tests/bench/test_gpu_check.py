@@ -3,7 +3,7 @@ hanging stage is cut at its limit and the later stages still run and report, the
 skips what no longer fits, and the output folder holds summary.txt and one tarball with everything else (the
 benches' results included). Three runs of the script, side by side (two of them mostly sleep):
 
-- main:     every stage but three of the benches (tested on their own in tests/bench); `bench_patch_embed` made
+- main:     every stage but four of the benches (tested on their own in tests/bench); `bench_patch_embed` made
             to hang with a 5 s limit (the sanitizer and aot stages after it still run); default budget
 - deadline: budget 20 s and `environment` made to hang: the deadline, not its 30 s limit, cuts it; the rest is
             skipped for lack of time
@@ -27,7 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 STAGES = ["environment", "warmup", "pytest", "repro", "bench_train_step", "bench_attention", "bench_loss",
-          "bench_patch_embed", "bench_integrations", "sanitizer", "aot"]
+          "bench_patch_embed", "bench_rope", "bench_integrations", "sanitizer", "aot"]
 MAIN_STAGES = "environment,warmup,pytest,repro,bench_train_step,bench_patch_embed,sanitizer,aot"
 LINE = re.compile(r"^\[(?P<name>\w+)\] (?P<status>ok|failed \(exit \d+\)|cut at \d+ s|skipped: [^|]+?) \| "
                   r"(?P<wall>\d+) s \| (?P<key>.*)$")
@@ -105,7 +105,8 @@ def test_every_stage_reports_once_and_a_hanging_stage_is_cut_while_the_rest_stil
         "environment": "ok", "warmup": "ok", "pytest": "ok", "repro": "ok",
         "sanitizer": "skipped: CPU mode (compute-sanitizer needs a GPU)", "aot": "ok",
         "bench_attention": "skipped: not selected", "bench_loss": "skipped: not selected",
-        "bench_patch_embed": "cut at 5 s", "bench_integrations": "skipped: not selected", "bench_train_step": "ok",
+        "bench_patch_embed": "cut at 5 s", "bench_rope": "skipped: not selected",
+        "bench_integrations": "skipped: not selected", "bench_train_step": "ok",
     }, summary(run)
     assert 5 <= int(lines["bench_patch_embed"]["wall"]) <= 5 + 6  # SIGINT at the limit, SIGKILL 5 s later at most
     assert run["wall"] <= run["budget"]
@@ -151,7 +152,7 @@ def test_the_budget_cuts_a_hanging_stage_and_skips_what_no_longer_fits(runs):
     assert {name: m["status"] for name, m in lines.items() if name != "environment"} == {
         name: "skipped: CPU mode (compute-sanitizer needs a GPU)" if name == "sanitizer" else "skipped: no time left"
         for name in STAGES if name != "environment"}
-    assert re.search(r"^result: FAILED · 0 failed, 1 cut, 9 skipped for lack of time", summary(run), re.M)
+    assert re.search(r"^result: FAILED · 0 failed, 1 cut, 10 skipped for lack of time", summary(run), re.M)
     assert "gpu_check/environment.log" in assert_packed(run)
 
 
@@ -161,7 +162,7 @@ def test_a_budget_too_small_for_any_stage_reports_every_stage_skipped_and_exits_
     assert run["wall"] <= run["budget"]
     assert {m["status"] for m in stage_lines(run).values()} == {
         "skipped: no time left", "skipped: CPU mode (compute-sanitizer needs a GPU)"}
-    assert re.search(r"^result: INCOMPLETE · 0 failed, 0 cut, 10 skipped for lack of time", summary(run), re.M)
+    assert re.search(r"^result: INCOMPLETE · 0 failed, 0 cut, 11 skipped for lack of time", summary(run), re.M)
     assert_packed(run)
 
 
