@@ -256,7 +256,7 @@ def rope_case(dtype: torch.dtype, head_dim: int, rotary_dim: int) -> Case:
 
 def loss_case(op: str, dtype: torch.dtype, dim: int = 768) -> Case:
     """`op` "siglip_loss" or "clip_loss" on 1000 pairs of `dim` features, single process: forward and
-    backward, and a forward without gradients (SigLIP's loss-only kernel)."""
+    backward, plus the kernels only other paths launch (SigLIP's loss-only forward, CLIP's ring LSE)."""
 
     def run():
         module = _module(op)
@@ -269,6 +269,8 @@ def loss_case(op: str, dtype: torch.dtype, dim: int = 768) -> Case:
                 module.siglip_loss(img, txt, scale, bias)
         else:
             loss = module.clip_loss(img, txt, scale)
+            with torch.no_grad():  # the ring's per-shard LSE (row direction only), as each ring step launches it
+                module._ring_lse(None, img, txt, scale)
         loss.backward()
 
     return Case(op, f"{_DTYPE_NAMES[dtype]} D{dim}", run)

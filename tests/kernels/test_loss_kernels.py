@@ -5,6 +5,8 @@ included. Rule: the kernel's error against float64 is at most 2× (gradients 3×
 loss computed in the same dtype (what users run today), plus a float32-rounding floor.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from .comparisons import assert_error_within
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LN2 = 0.6931471805599453
 pytestmark = pytest.mark.usefixtures("triton_path")  # tests/kernels/conftest.py
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
@@ -161,6 +164,21 @@ def test_gradients_do_not_depend_on_the_chunking(loss, chunk, passes, splits, mo
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5 * 10 / 300)
 
 
+@pytest.mark.parametrize("groups", [1, 2, 16])
+def test_both_log_sum_exps_of_one_pass_match_float64(groups, monkeypatch):
+    """CLIP's one-process forward: the row and the column log-sum-exps from one pass, with programs covering
+    1, 2 or 16 groups of rows per side (at B = 300: several row tiles per program read and update the
+    column sums another tile wrote, and partials of several groups are merged)."""
+    clip_loss = importlib.import_module("finevit.kernels.clip_loss")  # the package's clip_loss is the function
+    monkeypatch.setattr(clip_loss, "LSE_GROUPS", groups)
+    img, txt = features(300, 40, torch.float32)
+    scale = torch.tensor(30.0, device=DEVICE)
+    lse_img, lse_txt = clip_loss._both_lse(img, txt, scale)
+    logits = 30.0 * img.double() @ txt.double().T / torch.log(torch.tensor(2.0, dtype=torch.float64))  # log2 units
+    torch.testing.assert_close(lse_img.double(), torch.logsumexp(logits * LN2, 1) / LN2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse_txt.double(), torch.logsumexp(logits * LN2, 0) / LN2, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
 @pytest.mark.parametrize("splits", [1, 3], ids=lambda n: f"split{n}")
@@ -293,7 +311,7 @@ def test_loss_ops_have_fake_implementations():
         rows = torch.empty(8)
         torch.ops.finevit.siglip_rows_loss(x, x, s, s, 0, rows)
         torch.ops.finevit.siglip_logit_grad(x, x, s, s, s, 0, torch.empty(8, 8), torch.empty(3, 1))
-        torch.ops.finevit.row_lse(x, x, s, rows)
+        torch.ops.finevit.lse_partials(x, x, s, 64, 128, True, torch.empty(1, 8, 2), torch.empty(1, 8, 2))
         torch.ops.finevit.clip_logit_grad(x, x, s, rows, rows, s, 0, True, torch.empty(8, 8), torch.empty(1))
         torch.ops.finevit.contrastive_matmul(torch.empty(8, 8), x, torch.empty(8, 16), True, 2)
 
