@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -214,6 +215,16 @@ def require_cuda(cpu_smoke: bool = False) -> torch.device:
 # ----------------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """torch.compile(fn, dynamic=False) as a baseline: one compile per input shape (the recompile limit raised
+    so that a bench's many shapes never fall back to eager), compiled once per function."""
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    return torch.compile(fn, dynamic=False)
 
 
 def error_reason(error: BaseException) -> str:

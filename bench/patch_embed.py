@@ -45,7 +45,6 @@ a wall-clock timer, no torch_compiled) through the same code paths, to check the
 
 from __future__ import annotations
 
-import functools
 import importlib
 import time
 from collections.abc import Callable
@@ -156,18 +155,10 @@ def torch_path(x: Inputs) -> Forward:
     return lambda: reference.patch_embed(x.patches, x.weight, x.bias, mean=MEAN, std=STD)
 
 
-@functools.cache
-def _compiled_reference() -> Callable:
-    for name in ("recompile_limit", "cache_size_limit"):  # one compile per shape, never an eager fallback
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    return torch.compile(reference.patch_embed, dynamic=False)
-
-
 def torch_compiled(x: Inputs) -> Forward:
     if x.patches.device.type != "cuda":
         raise Unavailable("needs a CUDA device (Inductor on CPU compiles C++, too slow for a smoke run)")
-    fn = _compiled_reference()
+    fn = harness.compiled(reference.patch_embed)
     return lambda: fn(x.patches, x.weight, x.bias, mean=MEAN, std=STD)
 
 

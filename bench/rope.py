@@ -58,7 +58,6 @@ without a GPU.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import time
@@ -158,18 +157,10 @@ def torch_eager(x: Inputs) -> Forward:
     return lambda: reference.apply_rope(x.x, x.cos, x.sin)
 
 
-@functools.cache
-def _compiled_reference() -> Callable:
-    for name in ("recompile_limit", "cache_size_limit"):  # one compile per shape, never an eager fallback
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    return torch.compile(reference.apply_rope, dynamic=False)
-
-
 def torch_compiled(x: Inputs) -> Forward:
     if x.x.device.type != "cuda":
         raise Unavailable("needs a CUDA device (Inductor on CPU compiles C++, too slow for a smoke run)")
-    fn = _compiled_reference()
+    fn = harness.compiled(reference.apply_rope)
     return lambda: fn(x.x, x.cos, x.sin)
 
 
