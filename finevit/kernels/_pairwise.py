@@ -33,6 +33,7 @@ from ._validation import FLOAT_DTYPES, check_tensor, fail
 CHUNK_BYTES = 256 * 2**20  # the most logit-gradient memory one chunk may hold
 MIN_CHUNK_ROWS = 1024  # fewer rows per chunk would make d_b's per-chunk float32 read-modify-write dominate
 MAX_WORKING_BYTES = 2 * 2**30  # beyond this, one process computes d_b in a second pass (`two_pass`)
+TWO_PASS_MIN_CHUNK_ROWS = 128  # with no float32 accumulator, a chunk need only be whole G tiles
 
 
 def launch_options() -> dict:
@@ -284,27 +285,31 @@ def chunk_rows(rows: int, other_rows: int, itemsize: int, min_rows: int | None =
     return min(rows, max(MIN_CHUNK_ROWS if min_rows is None else min_rows, fit // 128 * 128))
 
 
+def _one_pass_bytes(rows: int, other_rows: int, dim: int, itemsize: int) -> int:
+    """One pass's working memory: a G chunk and the float32 d_b."""
+    return chunk_rows(rows, other_rows, itemsize) * other_rows * itemsize + other_rows * dim * 4
+
+
 def two_pass(rows: int, other_rows: int, dim: int, itemsize: int) -> bool:
     """Whether one process computes d_b in a second pass of its own (`contrastive_gradients`): when one pass's
-    working memory, a G chunk and the float32 d_b, would exceed `MAX_WORKING_BYTES` (B = 1,048,576, D = 768:
-    2.1 + 3.2 GB)."""
-    one_pass = chunk_rows(rows, other_rows, itemsize) * other_rows * itemsize + other_rows * dim * 4
-    return one_pass > MAX_WORKING_BYTES
+    working memory would exceed `MAX_WORKING_BYTES` (B = 1,048,576, D = 768: 2.1 + 3.2 GB)."""
+    return _one_pass_bytes(rows, other_rows, dim, itemsize) > MAX_WORKING_BYTES
 
 
 def working_bytes(rows: int, other_rows: int, dim: int, itemsize: int) -> int:
     """Memory one process's `contrastive_gradients` allocates besides the d_a and d_b it returns (the
     split-K partials aside: at most 4 programs per SM × a 128 x 128 float32 tile)."""
     if two_pass(rows, other_rows, dim, itemsize):  # one G chunk at a time: the larger of the two passes'
-        return max(chunk_rows(n, m, itemsize, 128) * m * itemsize for n, m in ((rows, other_rows), (other_rows, rows)))
-    return chunk_rows(rows, other_rows, itemsize) * other_rows * itemsize + other_rows * dim * 4
+        return max(chunk_rows(n, m, itemsize, TWO_PASS_MIN_CHUNK_ROWS) * m * itemsize
+                   for n, m in ((rows, other_rows), (other_rows, rows)))
+    return _one_pass_bytes(rows, other_rows, dim, itemsize)
 
 
 def _finished_rows(own: torch.Tensor, other: torch.Tensor, logit_grad, swapped: bool) -> torch.Tensor:
     """G @ other for every row of `own` in own's dtype, one chunk of rows at a time, each chunk's rows
     finished by one (split-K) GEMM over all of `other`: no float32 accumulator."""
     rows, other_rows = own.shape[0], other.shape[0]
-    chunk = chunk_rows(rows, other_rows, own.element_size(), 128)
+    chunk = chunk_rows(rows, other_rows, own.element_size(), TWO_PASS_MIN_CHUNK_ROWS)
     buffer = own.new_empty((chunk, other_rows))
     d_own = torch.empty_like(own)
     for start in range(0, rows, chunk):
