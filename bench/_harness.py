@@ -227,6 +227,25 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def mode_tables(payload: dict, cell: Callable[[dict, str], str], title: str, note: str) -> list[dict]:
+    """One table per mode of the run: a row per case, a column per provider that has results. A cell is
+    `cell(record, provider)` for a record that ran, else its status (OOM, skip, fail) or empty when absent.
+    `title` is formatted with the mode."""
+    index, providers = _index(payload), _providers(payload)
+
+    def text(record: dict | None, provider: str) -> str:
+        if record is None:
+            return ""
+        if record["status"] != "ok":
+            return {"oom": "OOM", "skipped": "skip"}.get(record["status"], "fail")
+        return cell(record, provider)
+
+    return [{"title": title.format(mode=mode), "note": note, "header": ["case"] + providers,
+             "rows": [[c["case"]] + [text(index.get((c["case"], mode, p)), p) for p in providers]
+                      for c in payload["cases"]]}
+            for mode in payload["modes"]]
+
+
 def error_reason(error: BaseException) -> str:
     """One line for a skipped or failed provider: the error type and the first line of its message."""
     lines = str(error).strip().splitlines()

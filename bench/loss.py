@@ -547,11 +547,7 @@ def _memory_model_table(rows: list[dict], dtype: torch.dtype) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _detail_cell(record: dict | None) -> str:
-    if record is None:
-        return ""
-    if record["status"] != "ok":
-        return {"oom": "OOM", "skipped": "skip"}.get(record["status"], "fail")
+def _detail_cell(record: dict, provider: str) -> str:
     text = f"{record['ms']:.3g} ms · {record['pairs_per_s'] / 1e9:.3g} Gpair/s"
     if record.get("peak_mem_gb") is not None:
         text += f" · {record['peak_mem_gb']:.3g} GB ({record['peak_in_fp32_bxb']:.2g}× B²·4)"
@@ -560,18 +556,10 @@ def _detail_cell(record: dict | None) -> str:
 
 def detail_tables(payload: dict) -> list[dict]:
     """Per mode: ms, pairs/s and extra peak memory of each provider on each case."""
-    index = {(r["case"], r["mode"], r["provider"]): r for r in payload["results"]}
-    providers = [p for p in payload["providers"] if any(r["provider"] == p for r in payload["results"])]
-    tables = []
-    for mode in payload["modes"]:
-        rows = [[c["case"]] + [_detail_cell(index.get((c["case"], mode, p))) for p in providers]
-                for c in payload["cases"]]
-        tables.append({"title": f"{mode}: time · pairs/s · extra peak memory",
-                       "note": "Median ms · B²/time in 10⁹ pairs/s · extra peak memory in GB (10⁹ bytes) above "
-                               "the inputs, and that peak in units of one B×B fp32 matrix (B²·4 bytes). "
-                               "OOM: ran out of memory; skip: not run (see above).",
-                       "header": ["case"] + providers, "rows": rows})
-    return tables
+    return harness.mode_tables(
+        payload, _detail_cell, "{mode}: time · pairs/s · extra peak memory",
+        "Median ms · B²/time in 10⁹ pairs/s · extra peak memory in GB (10⁹ bytes) above the inputs, and that peak "
+        "in units of one B×B fp32 matrix (B²·4 bytes). OOM: ran out of memory; skip: not run (see above).")
 
 
 def probe_table(probes: list[dict]) -> dict:

@@ -268,31 +268,20 @@ def _progress_line(record: dict) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _detail_cell(r: dict, provider: str) -> str:
+    cell = (f"{r['ms']:.3g} ms · {r['throughput']:.0f} GB/s · {r['tflops']:.0f} TFLOP/s "
+            f"({100 * r['tflops_share']:.0f}%)")
+    if r.get("ours_ratio") is not None:
+        cell += f" · {r['ours_ratio']:.2f}×"
+    return cell
+
+
 def detail_tables(payload: dict) -> list[dict]:
     """Per mode: ms, GB/s, TFLOP/s (share of the matmul ceiling) and finevit's speedup over each provider."""
-    index = {(r["case"], r["mode"], r["provider"]): r for r in payload["results"]}
-    providers = [p for p in payload["providers"] if any(r["provider"] == p for r in payload["results"])]
-    tables = []
-    for mode in payload["modes"]:
-        rows = []
-        for c in payload["cases"]:
-            row = [c["case"]]
-            for p in providers:
-                r = index.get((c["case"], mode, p))
-                if r is None or r["status"] != "ok":
-                    row.append("" if r is None else {"skipped": "skip"}.get(r["status"], "fail"))
-                    continue
-                cell = (f"{r['ms']:.3g} ms · {r['throughput']:.0f} GB/s · {r['tflops']:.0f} TFLOP/s "
-                        f"({100 * r['tflops_share']:.0f}%)")
-                if r.get("ours_ratio") is not None:
-                    cell += f" · {r['ours_ratio']:.2f}×"
-                row.append(cell)
-            rows.append(row)
-        tables.append({"title": f"{mode}: time · GB/s · TFLOP/s · speedup of {OURS}",
-                       "note": "Median ms · useful bytes / time (see the config's `bytes`) · useful FLOPs / time "
-                               "(share of the measured matmul ceiling) · finevit's speedup over that provider.",
-                       "header": ["case"] + providers, "rows": rows})
-    return tables
+    return harness.mode_tables(
+        payload, _detail_cell, f"{{mode}}: time · GB/s · TFLOP/s · speedup of {OURS}",
+        "Median ms · useful bytes / time (see the config's `bytes`) · useful FLOPs / time (share of the measured "
+        "matmul ceiling) · finevit's speedup over that provider.")
 
 
 def traffic_table(cases: list[dict]) -> dict:

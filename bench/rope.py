@@ -303,44 +303,28 @@ def _progress_line(record: dict) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _index(results: list[dict]) -> dict:
-    return {(r["case"], r["mode"], r["provider"]): r for r in results}
+def _detail_cell(r: dict, provider: str) -> str:
+    cell = f"{r['ms']:.3g} ms · {harness._fmt(r['throughput'])} GB/s"
+    if r.get("ceiling_share") is not None:
+        cell += f" ({100 * r['ceiling_share']:.0f}%)"
+    if r.get("vs_copy") is not None and provider != COPY:
+        cell += f" · {100 * r['vs_copy']:.0f}% of copy"
+    if r.get("ours_ratio") is not None:
+        cell += f" · {r['ours_ratio']:.2f}×"
+    return cell
 
 
 def detail_tables(payload: dict) -> list[dict]:
     """Per mode: ms · GB/s (share of the copy ceiling) · share of the copy provider's GB/s · finevit's speedup."""
-    index = _index(payload["results"])
-    providers = [p for p in payload["providers"] if any(r["provider"] == p for r in payload["results"])]
-    tables = []
-    for mode in payload["modes"]:
-        rows = []
-        for c in payload["cases"]:
-            row = [c["case"]]
-            for p in providers:
-                r = index.get((c["case"], mode, p))
-                if r is None or r["status"] != "ok":
-                    row.append("" if r is None else {"skipped": "skip"}.get(r["status"], "fail"))
-                    continue
-                cell = f"{r['ms']:.3g} ms · {harness._fmt(r['throughput'])} GB/s"
-                if r.get("ceiling_share") is not None:
-                    cell += f" ({100 * r['ceiling_share']:.0f}%)"
-                if r.get("vs_copy") is not None and p != COPY:
-                    cell += f" · {100 * r['vs_copy']:.0f}% of copy"
-                if r.get("ours_ratio") is not None:
-                    cell += f" · {r['ours_ratio']:.2f}×"
-                row.append(cell)
-            rows.append(row)
-        tables.append({"title": f"{mode}: time · GB/s · share of the copy · speedup of {OURS}",
-                       "note": "Median ms · bytes / time (see the config's `bytes`; share of the measured copy "
-                               "ceiling) · GB/s as a share of the copy provider's on the same case · finevit's "
-                               "speedup over that provider.",
-                       "header": ["case"] + providers, "rows": rows})
-    return tables
+    return harness.mode_tables(
+        payload, _detail_cell, f"{{mode}}: time · GB/s · share of the copy · speedup of {OURS}",
+        "Median ms · bytes / time (see the config's `bytes`; share of the measured copy ceiling) · GB/s as a "
+        "share of the copy provider's on the same case · finevit's speedup over that provider.")
 
 
 def ours_table(payload: dict) -> dict:
     """finevit per (case, mode): GB/s, share of the ceiling and of the copy, speedup over each baseline."""
-    index = _index(payload["results"])
+    index = harness._index(payload)
     baselines = [p for p in payload["providers"] if p not in (OURS, COPY)]
     rows = []
     for mode in payload["modes"]:
