@@ -213,7 +213,10 @@ class CheckpointManager:
             shutil.rmtree(self.step_dir(old), ignore_errors=True)
 
     def close(self) -> None:
+        """Finish the in-flight save; collective: when it returns on any rank, rank 0 has promoted that save
+        (without the barrier another rank could look for `step-N` before rank 0 renamed it)."""
         self.wait()
+        dist.barrier()
 
 
 def sigkill_self() -> None:
