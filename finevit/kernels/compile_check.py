@@ -147,10 +147,11 @@ ALLOWED: tuple[Allowance, ...] = (
     ),
     Allowance(
         ("spill",), r"^_patch_embed_(fwd|dweight)_kernel$",
-        r"^(M128 N256 K64 · 8w 3s|D256 K128 R64 · 8w 3s|D128 K64 R64 · 4w 4s|D64 K128 R64 · 4w 4s)$",
+        r"^(M128 N128 K32 · 4w 5s|D256 K128 R64 · 8w 3s|D128 K64 R64 · 4w 4s|D64 K128 R64 · 4w 4s)$",
         targets=(80,), fallback=True,
-        reason="A100 only (spill-free on sm_90, where the lists were tuned); the A100 autotuner times it "
-               "against a spill-free tile of the same list (checked).",
+        reason="A100 only (spill-free on sm_90, where the lists were tuned; the forward's 128x128x32 tile spills "
+               "8 B with triton 3.6 at P 14 only); the A100 autotuner times it against a spill-free tile of the "
+               "same list (checked).",
     ),
     Allowance(
         ("spill",), r"^_patch_embed_dweight_kernel$", r"^D256 K128 R64 · 8w 3s$", targets=(90,), triton=r"^3\.6\.",

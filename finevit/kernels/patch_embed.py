@@ -25,9 +25,16 @@ registers rounds x̂ exactly where PyTorch does, so the error matches PyTorch's.
 loaded pixel on top of the uint8 -> float conversion either design needs (a tile's pixel feeds BLOCK_N MACs),
 and no per-call weight copy. The conversion itself avoids I2F (16 results per clock per SM on sm_90, an
 eighth of the FP32 FMA rate): the bits of 2^23 + a are `a | 0x4B000000`, so fp32(a) = bitcast(·) − 2^23,
-one LOP3 and one FADD (the sm_90 SASS of the forward holds no I2F). On sm_90 the uint8 tile goes global ->
-shared (cp.async) -> registers in the wgmma A-operand layout, is normalized there and fed to wgmma from
-registers; the weight tile is the shared-memory B operand.
+one LOP3 and one FADD (the sm_90 SASS of the forward holds no I2F).
+
+Operand roles: the forward computes yᵀ = W · x̂ᵀ, a (BLOCK_N, BLOCK_M) tile of output features × patches, and
+stores it transposed. On sm_90 wgmma reads its B operand from shared memory only, so the normalized pixels
+(the B operand) are written there once per k-step (cp.async global -> shared, LDS, normalize, STS), and all
+the k-step's wgmmas are issued back to back with one wait. With x̂ as the A operand (y = x̂ · Wᵀ, the first
+version) Triton fed wgmma from registers; each 64x128x16 wgmma reused the A fragments' registers and was
+followed by a full wait, so no two wgmmas overlapped and the tensor cores ran about half the time (measured
+297 TFLOP/s against cuBLAS's 590 on the same shape; bench/NOTES.md, 2026-12-06). The weight-gradient kernel
+already had x̂ as its B operand. On sm_80 (mma.sync) both operands go through registers either way.
 
 Alignment: Triton assumes an int argument not divisible by 16 has no divisor at all, so rows of 588 uint8
 (or 1176 bytes of bf16) would be loaded byte by byte and, with the K-tail mask `k < K` varying at every
@@ -63,13 +70,13 @@ from ._validation import FLOAT_DTYPES, check_tensor, fail
 
 @triton.jit
 def _load_operand(ptrs, mask, alpha, beta, NORMALIZE: tl.constexpr, DTYPE: tl.constexpr):
-    """A (rows, BLOCK_K) tile of patches as a dot operand of type DTYPE: uint8 pixels normalized
-    (x̂ = fp32(a)·α + β per column, then rounded), float patches as loaded. Masked pixels read as 0."""
+    """A tile of patches as a dot operand of type DTYPE: uint8 pixels normalized (x̂ = fp32(a)·α + β, with α, β
+    the per-column scale and shift broadcast to the tile), float patches as loaded. Masked pixels read as 0."""
     x = tl.load(ptrs, mask=mask, other=0)
     if NORMALIZE:
         # uint8 -> fp32 with integer ops: bits(2^23 + a) = a | 0x4B000000, exact for 0 <= a < 2^23.
         a = (x.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        x = (a * alpha[None, :] + beta[None, :]).to(DTYPE)
+        x = (a * alpha + beta).to(DTYPE)
     return x
 
 
@@ -98,7 +105,7 @@ def _patch_embed_fwd_kernel(
     W_IN_CONTIGUOUS: tl.constexpr,  # W[n, k] at n·stride_w + k (the weight); else at n + k·stride_w (weightᵀ)
     ALIGN: tl.constexpr,  # largest power of two <= 16 dividing the sizes and strides above (module docstring)
     DOT_PRECISION: tl.constexpr,  # fp32: "ieee" (exact) or "tf32", as torch's matmul precision; fp16/bf16: unused
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tiles live in registers
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # patches, output features, K-step
 ):
     out_features = out_features * ALIGN
     in_features = in_features * ALIGN
@@ -117,32 +124,35 @@ def _patch_embed_fwd_kernel(
     # Rows / columns past the end re-read valid ones (modulo) and are never stored: loads need only K masks.
     rows_in = (offs_m % rows).to(tl.int64)
     cols_in = offs_n % out_features
-    x_ptrs = X + rows_in[:, None] * stride_x_row + offs_k[None, :]
+    # yᵀ = W · x̂ᵀ: the normalized pixels are the B operand, which wgmma reads from shared memory (module
+    # docstring, "Operand roles").
+    x_ptrs = X + offs_k[:, None] + rows_in[None, :] * stride_x_row  # (BLOCK_K, BLOCK_M) tile of x̂ᵀ
     if W_IN_CONTIGUOUS:
-        w_ptrs = W + offs_k[:, None] + cols_in[None, :] * stride_w  # (BLOCK_K, BLOCK_N) tile of Wᵀ
+        w_ptrs = W + cols_in[:, None] * stride_w + offs_k[None, :]  # (BLOCK_N, BLOCK_K) tile of W
         w_step = BLOCK_K
     else:
-        w_ptrs = W + offs_k[:, None] * stride_w + cols_in[None, :]
+        w_ptrs = W + cols_in[:, None] + offs_k[None, :] * stride_w
         w_step = BLOCK_K * stride_w
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k in range(0, in_features, BLOCK_K):
         mask_k = offs_k < in_features - k  # constant over ALIGN columns: vector loads survive the mask
         if NORMALIZE:
             alpha, beta = _channel_scale_shift(NORM, k + offs_k, mask_k, FEATURES_PER_CHANNEL)
+            alpha, beta = alpha[:, None], beta[:, None]
         else:
             alpha, beta = 0.0, 0.0  # unused
-        x = _load_operand(x_ptrs, mask_k[None, :], alpha, beta, NORMALIZE, W.dtype.element_ty)
-        w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        x = _load_operand(x_ptrs, mask_k[:, None], alpha, beta, NORMALIZE, W.dtype.element_ty)
+        w = tl.load(w_ptrs, mask=mask_k[None, :], other=0.0)
+        acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += w_step
 
     mask_n = offs_n < out_features
     if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_y_row + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m < rows)[:, None] & mask_n[None, :])
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = Y + offs_m.to(tl.int64)[None, :] * stride_y_row + offs_n[:, None]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_n[:, None] & (offs_m < rows)[None, :])
 
 
 @triton.jit
@@ -181,6 +191,7 @@ def _patch_embed_dweight_kernel(
         alpha, beta = _channel_scale_shift(NORM, offs_k, mask_k, FEATURES_PER_CHANNEL)
         if HAS_BIAS:
             beta = tl.where(ones, 1.0, beta)
+        alpha, beta = alpha[None, :], beta[None, :]
     else:
         alpha, beta = 0.0, 0.0  # unused
 
@@ -209,16 +220,20 @@ def _patch_embed_dweight_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-# Autotune candidates (tiles, warps, stages), pruned with the H100 (sm_90) ptxas report compiled on CPU:
-# configs that spill registers for uint8 or bf16 patches with bf16 weights, K 588 / 768 and D 768 / 1152,
-# are out (forward 128x128x64 with 4 warps: 48 B); see bench/NOTES.md. fp32 weights get their own short
-# lists: an "ieee" fp32 dot runs on FMA units with much larger register tiles (the 16-bit lists spill
-# 1-40 KB there); the weight gradient's 64x64x32 tile spilled 368-480 B per thread with 4 warps and none
-# with 8 (docs/compile_report.md, `python -m finevit.kernels.compile_check`).
-_FWD_SHAPES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4),
+# Autotune candidates (tiles, warps, stages), pruned with the ptxas reports compiled on CPU (sm_80 and sm_90,
+# uint8 and float patches, K 588 / 768, `python -m finevit.kernels.compile_check`, docs/compile_report.md):
+# configs that spill are out (forward, transposed form: 128x256x64 with 8 warps 208 B and 128x128x64 with
+# 4 warps 304 B on sm_80). The forward's list mixes one-program-per-SM tiles that amortize each normalized
+# pixel over 128-256 output features with tiles that fit two programs per SM (64x128x64 with 4 warps,
+# 128x128x32 with 4 warps: ≤ 224 registers × 128 threads, ≤ 90 KB of shared memory), so that one program's
+# normalization overlaps the other's wgmmas (bench/NOTES.md). fp32 weights get their own short lists: an
+# "ieee" fp32 dot runs on FMA units with much larger register tiles (the 16-bit lists spill 1-40 KB there,
+# the forward's 64x64x32 tile with 4 warps 344-368 B for uint8 patches); the weight gradient's 64x64x32
+# tile spilled 368-480 B per thread with 4 warps and none with 8.
+_FWD_SHAPES = [(128, 128, 64, 8, 4), (128, 256, 32, 8, 4), (256, 128, 32, 8, 4), (64, 128, 64, 4, 4),
                (128, 128, 32, 4, 5)]
 _DWEIGHT_SHAPES = [(128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-_FWD_SHAPES_FP32 = [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3)]
+_FWD_SHAPES_FP32 = [(64, 64, 32, 8, 3), (64, 64, 16, 4, 3)]
 _DWEIGHT_SHAPES_FP32 = [(64, 64, 32, 8, 3)]
 _KEYS = ["out_features", "in_features", "rows_bucket", "NORMALIZE", "HAS_BIAS"]  # + the tensors' dtypes
 
