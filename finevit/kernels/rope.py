@@ -48,6 +48,41 @@ from ._validation import FLOAT_DTYPES, check_cos_sin, check_int, check_positive_
 
 
 @triton.jit
+def _load_pairs(x_rows, rows_mask, START: tl.constexpr, REAL: tl.constexpr, WIDTH: tl.constexpr,
+                ROTARY_HALF: tl.constexpr):
+    """Both halves of the REAL rotate-half pairs from pair START of every row of the tile, each a
+    (BLOCK_T, BLOCK_H, WIDTH) tile (lanes past REAL read 0)."""
+    offs = START + tl.arange(0, WIDTH)
+    mask = rows_mask & (offs < START + REAL)[None, None, :]
+    x1 = tl.load(x_rows + offs[None, None, :], mask=mask, other=0.0)
+    x2 = tl.load(x_rows + ROTARY_HALF + offs[None, None, :], mask=mask, other=0.0)
+    return x1, x2
+
+
+@triton.jit
+def _rotate_store(out_rows, rows_mask, x1, x2, COS, SIN, offs_t, mask_t, stride_cos_tok, stride_sin_tok,
+                  START: tl.constexpr, REAL: tl.constexpr, WIDTH: tl.constexpr, ROTARY_HALF: tl.constexpr,
+                  CONJUGATE: tl.constexpr):
+    """Rotate the pairs that `_load_pairs` loaded by their tokens' angles and store them in OUT's dtype.
+    cos/sin rows are (BLOCK_T, WIDTH), broadcast over the tile's heads; masked lanes rotate by the identity."""
+    offs = START + tl.arange(0, WIDTH)
+    lanes = offs < START + REAL
+    cs_mask = mask_t[:, None] & lanes[None, :]
+    cos = tl.load(COS + offs_t[:, None] * stride_cos_tok + offs[None, :], mask=cs_mask, other=1.0)
+    sin = tl.load(SIN + offs_t[:, None] * stride_sin_tok + offs[None, :], mask=cs_mask, other=0.0)
+    if CONJUGATE:
+        sin = -sin
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    # Multiplying by the fp32 tables promotes fp16/bf16 to fp32 (fp64 stays fp64): the math is in >= fp32.
+    out1 = x1 * cos - x2 * sin
+    out2 = x2 * cos + x1 * sin
+    mask = rows_mask & lanes[None, None, :]
+    tl.store(out_rows + offs[None, None, :], out1.to(out_rows.dtype.element_ty), mask=mask)
+    tl.store(out_rows + ROTARY_HALF + offs[None, None, :], out2.to(out_rows.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_kernel(
     # pointers
     X,
@@ -70,7 +105,8 @@ def _rope_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr,  # tokens per program
     BLOCK_H: tl.constexpr,  # heads per program (all share the tile's cos/sin rows)
-    BLOCK_HALF: tl.constexpr,  # next power of two >= ROTARY_HALF
+    BLOCK_PAIRS: tl.constexpr,  # the largest power of two <= ROTARY_HALF: pairs [0, BLOCK_PAIRS), no masked lane
+    BLOCK_REST: tl.constexpr,  # next power of two >= ROTARY_HALF - BLOCK_PAIRS (0 if none): the other pairs
     BLOCK_PASS: tl.constexpr,  # next power of two >= HEAD_DIM - 2·ROTARY_HALF, 0 when nothing passes through
     CONJUGATE: tl.constexpr,  # rotate by −angle (the backward)
 ):
@@ -79,10 +115,8 @@ def _rope_kernel(
     # int64 token index: tokens × stride_x_tok passes 2^31 for large packed batches of fused qkv views.
     offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_j = tl.arange(0, BLOCK_HALF)
     mask_t = offs_t < num_tokens
     mask_h = offs_h < num_heads
-    mask_j = offs_j < ROTARY_HALF
 
     # (BLOCK_T, BLOCK_H, 1) row starts of every (token, head) of the tile
     x_rows = X + offs_t[:, None, None] * stride_x_tok + offs_h[None, :, None] * stride_x_head
@@ -91,51 +125,54 @@ def _rope_kernel(
 
     # x first: its loads are in flight while cos/sin are loaded and broadcast over the heads (a layout
     # change through shared memory, behind barriers that the x loads would otherwise wait for: two memory
-    # latencies per program instead of one). The two rotate-half halves, (BLOCK_T, BLOCK_H, BLOCK_HALF).
-    mask = rows_mask & mask_j[None, None, :]
-    x1 = tl.load(x_rows + offs_j[None, None, :], mask=mask, other=0.0)
-    x2 = tl.load(x_rows + ROTARY_HALF + offs_j[None, None, :], mask=mask, other=0.0)
+    # latencies per program instead of one).
+    x1, x2 = _load_pairs(x_rows, rows_mask, 0, BLOCK_PAIRS, BLOCK_PAIRS, ROTARY_HALF)
+    if BLOCK_REST > 0:
+        rest1, rest2 = _load_pairs(x_rows, rows_mask, BLOCK_PAIRS, ROTARY_HALF - BLOCK_PAIRS, BLOCK_REST,
+                                   ROTARY_HALF)
     if BLOCK_PASS > 0:  # channels [r, head_dim) are copied through bit for bit
         offs_p = 2 * ROTARY_HALF + tl.arange(0, BLOCK_PASS)
         pass_mask = rows_mask & (offs_p < HEAD_DIM)[None, None, :]
-        rest = tl.load(x_rows + offs_p[None, None, :], mask=pass_mask)
+        passed = tl.load(x_rows + offs_p[None, None, :], mask=pass_mask)
 
-    # cos/sin rows of the tile's tokens, (BLOCK_T, BLOCK_HALF); masked lanes rotate by the identity.
-    cs_mask = mask_t[:, None] & mask_j[None, :]
-    cos = tl.load(COS + offs_t[:, None] * stride_cos_tok + offs_j[None, :], mask=cs_mask, other=1.0)
-    sin = tl.load(SIN + offs_t[:, None] * stride_sin_tok + offs_j[None, :], mask=cs_mask, other=0.0)
-    if CONJUGATE:
-        sin = -sin
-    cos = cos[:, None, :]  # (BLOCK_T, 1, BLOCK_HALF), broadcast over heads
-    sin = sin[:, None, :]
-
-    # Multiplying by the fp32 tables promotes fp16/bf16 to fp32 (fp64 stays fp64): the math is in >= fp32.
-    out1 = x1 * cos - x2 * sin
-    out2 = x2 * cos + x1 * sin
-    tl.store(out_rows + offs_j[None, None, :], out1.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(out_rows + ROTARY_HALF + offs_j[None, None, :], out2.to(OUT.dtype.element_ty), mask=mask)
+    _rotate_store(out_rows, rows_mask, x1, x2, COS, SIN, offs_t, mask_t, stride_cos_tok, stride_sin_tok,
+                  0, BLOCK_PAIRS, BLOCK_PAIRS, ROTARY_HALF, CONJUGATE)
+    if BLOCK_REST > 0:
+        _rotate_store(out_rows, rows_mask, rest1, rest2, COS, SIN, offs_t, mask_t, stride_cos_tok,
+                      stride_sin_tok, BLOCK_PAIRS, ROTARY_HALF - BLOCK_PAIRS, BLOCK_REST, ROTARY_HALF, CONJUGATE)
     if BLOCK_PASS > 0:
-        tl.store(out_rows + offs_p[None, None, :], rest, mask=pass_mask)
+        tl.store(out_rows + offs_p[None, None, :], passed, mask=pass_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
 
-_ROTATED_ELEMENTS_PER_PROGRAM = 2048  # pairs per tile (×2 channels ≈ 4K elements): 32 per thread at 4 warps
+_ROTATED_PAIRS_PER_PROGRAM = 2048  # ×2 channels ≈ 4K elements: 32 per thread at 4 warps
 _MAX_BLOCK_H = 16
 
 
+def _power_of_2_at_most(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
 def _block_sizes(num_heads: int, head_dim: int, rotary_half: int) -> dict[str, int]:
-    """Tile shape from (num_heads, head_dim, r/2) only, so the token count never triggers a recompile."""
-    block_half = triton.next_power_of_2(rotary_half)
+    """Tile shape from (num_heads, head_dim, r/2) only, so the token count never triggers a recompile.
+
+    The r/2 pairs of a row are split into a power-of-two part and a remainder (36 -> 32 + 4, 40 -> 32 + 8),
+    each its own power-of-two tile, so that at head dims like 72 and 80 no thread holds only masked lanes
+    (one tile of next_power_of_2(r/2) = 64 lanes left 44 % and 38 % of them empty).
+    """
+    block_pairs = _power_of_2_at_most(rotary_half)
+    block_rest = triton.next_power_of_2(rotary_half - block_pairs) if rotary_half > block_pairs else 0
     num_pass = head_dim - 2 * rotary_half
     block_h = min(triton.next_power_of_2(num_heads), _MAX_BLOCK_H)
-    block_t = max(1, _ROTATED_ELEMENTS_PER_PROGRAM // (block_h * block_half))
+    block_t = _power_of_2_at_most(max(1, _ROTATED_PAIRS_PER_PROGRAM // (block_h * (block_pairs + block_rest))))
     return {
         "BLOCK_T": block_t,
         "BLOCK_H": block_h,
-        "BLOCK_HALF": block_half,
+        "BLOCK_PAIRS": block_pairs,
+        "BLOCK_REST": block_rest,
         "BLOCK_PASS": triton.next_power_of_2(num_pass) if num_pass > 0 else 0,
     }
 
