@@ -234,8 +234,10 @@ def patch_embed_case(dtype: torch.dtype, patch: int, uint8: bool, tf32: bool = F
         precision = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
         try:
-            out = _module("patch_embed").patch_embed(patches, weight, bias, **norm)
-            out.backward(torch.ones_like(out))
+            for strategy in _module("patch_embed").STRATEGIES if uint8 else ("fused",):  # two_pass: the normalize pass
+                with unittest.mock.patch.dict(os.environ, {"FINEVIT_PATCH_EMBED": strategy}):
+                    out = _module("patch_embed").patch_embed(patches, weight, bias, **norm)
+                out.backward(torch.ones_like(out))
         finally:
             torch.set_float32_matmul_precision(precision)
 

@@ -23,10 +23,17 @@ from .comparisons import assert_error_within
 pe = importlib.import_module("finevit.kernels.patch_embed")  # `K.patch_embed` is the public function
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.usefixtures("triton_path", "poisoned_outputs")  # tests/kernels/conftest.py
+pytestmark = pytest.mark.usefixtures("triton_path", "poisoned_outputs", "fused_strategy")  # conftest.py, below
 # The interpreter multiplies bf16 bit patterns as integers: bf16 runs compiled, on a GPU only.
 DTYPES = [torch.float16, torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+@pytest.fixture
+def fused_strategy(monkeypatch):
+    """uint8 patches take the fused kernel unless a test names the two-pass strategy (on a GPU, "auto" would
+    time both and take the faster one)."""
+    monkeypatch.setenv("FINEVIT_PATCH_EMBED", "fused")
 
 
 def images_to_patches(images, patch):
@@ -93,11 +100,14 @@ def check_against_conv2d(channels, patch, width, grid, dtype, *, uint8=True, wit
         assert_error_within(ours[name].grad, masters[name].grad, torch_lowp[name].grad, 3, f"d_{name}")
 
 
+@pytest.mark.parametrize("strategy", pe.STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("channels, patch", [(3, 14), (1, 14), (3, 16), (1, 16)])
-def test_uint8_patch_embed_matches_conv2d_on_normalized_images(channels, patch, with_bias, dtype):
+def test_uint8_patch_embed_matches_conv2d_on_normalized_images(channels, patch, with_bias, dtype, strategy,
+                                                                monkeypatch):
     # 5 x 7 = 35 patches (odd, two row tiles in the interpreter); K = 588, 196, 768, 256; D = 40 (two column tiles).
+    monkeypatch.setenv("FINEVIT_PATCH_EMBED", strategy)
     check_against_conv2d(channels, patch, 40, (5, 7), dtype, with_bias=with_bias)
 
 
@@ -116,8 +126,10 @@ def test_patch_embed_with_a_single_patch():
     check_against_conv2d(3, 16, 8, (1, 1), torch.float16)
 
 
-def test_patch_embed_reads_patches_with_a_padded_row_stride():
+@pytest.mark.parametrize("strategy", pe.STRATEGIES)
+def test_patch_embed_reads_patches_with_a_padded_row_stride(strategy, monkeypatch):
     """A (N, K) view of a wider buffer: the row stride (K + 4) is honoured."""
+    monkeypatch.setenv("FINEVIT_PATCH_EMBED", strategy)
     mean, std = CLIP_MEAN, CLIP_STD
     buffer = torch.randint(0, 256, (19, 588 + 4), dtype=torch.uint8, device=DEVICE)
     patches = buffer[:, :588]
@@ -157,7 +169,9 @@ def test_patch_embed_is_deterministic():
         assert torch.equal(a, b)
 
 
-def test_patch_embed_on_zero_patches():
+@pytest.mark.parametrize("strategy", pe.STRATEGIES)
+def test_patch_embed_on_zero_patches(strategy, monkeypatch):
+    monkeypatch.setenv("FINEVIT_PATCH_EMBED", strategy)
     weight = torch.randn(8, 48, device=DEVICE, requires_grad=True)
     out = pe.patch_embed(torch.zeros(0, 48, dtype=torch.uint8, device=DEVICE), weight, None, mean=[0.5] * 3,
                          std=[0.5] * 3)
@@ -207,6 +221,8 @@ def test_patch_embed_ops_have_fake_implementations_for_torch_compile():
         dw, db = torch.ops.finevit.patch_embed_dweight(y, patches, norm, 196, True)
         _, no_db = torch.ops.finevit.patch_embed_dweight(y, patches, norm, 196, False)
         dx = torch.ops.finevit.patch_embed_fwd(y, weight.t(), None, None, 1)
+        normalized = torch.ops.finevit.normalize_patches(patches, norm, 196, 592, torch.bfloat16)
+    assert normalized.shape == (37, 592) and normalized.dtype == torch.bfloat16
     assert y.shape == (37, 40) and y.dtype == torch.bfloat16
     assert dw.shape == (40, 588) and db.shape == (40,) and no_db.shape == (0,) and dw.dtype == torch.bfloat16
     assert dx.shape == (37, 588)
@@ -227,8 +243,10 @@ def test_float64_weights_run_the_reference():
 
 
 @pytest.mark.gpu
-def test_patch_embed_compiles_with_fullgraph_and_matches_eager(monkeypatch):
+@pytest.mark.parametrize("strategy", pe.STRATEGIES)
+def test_patch_embed_compiles_with_fullgraph_and_matches_eager(strategy, monkeypatch):
     monkeypatch.setenv("FINEVIT_KERNELS", "triton")
+    monkeypatch.setenv("FINEVIT_PATCH_EMBED", strategy)
     patches = torch.randint(0, 256, (301, 588), dtype=torch.uint8, device=DEVICE)
     weight = (torch.randn(72, 588, device=DEVICE) * 0.04).to(torch.bfloat16).requires_grad_()
     bias = torch.randn(72, device=DEVICE).to(torch.bfloat16).requires_grad_()
@@ -245,6 +263,48 @@ def test_patch_embed_compiles_with_fullgraph_and_matches_eager(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_patch_embed_on_a_large_batch_matches_the_reference():
-    """Compiled kernels at a realistic size (several splits, autotuned tiles), bf16."""
+@pytest.mark.parametrize("strategy", [*pe.STRATEGIES, "auto"])
+def test_patch_embed_on_a_large_batch_matches_the_reference(strategy, monkeypatch):
+    """Compiled kernels at a realistic size (several splits, autotuned tiles), bf16; "auto" times both."""
+    monkeypatch.setenv("FINEVIT_PATCH_EMBED", strategy)
     check_against_conv2d(3, 16, 768, (16, 16), torch.bfloat16, num_images=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("channels, patch", [(3, 14), (1, 16)])
+def test_normalize_patches_rounds_as_the_fused_kernel_and_zeroes_the_padding(channels, patch, dtype):
+    """The two-pass strategy's first pass: x̂ = fp32(a)·α + β rounded once, the formula the fused kernel
+    applies in registers, bit for bit; the columns added to reach 16-byte rows (588 -> 592) are zeros."""
+    features = channels * patch * patch
+    patches = torch.randint(0, 256, (37, features), dtype=torch.uint8, device=DEVICE)
+    mean, std = CLIP_MEAN[:channels], CLIP_STD[:channels]
+    norm = pe._scale_shift(mean, std, patches.device)
+    padded = pe._gemm_features(features)
+    out = pe.normalize_patches(patches, norm, patch * patch, padded, dtype)
+    alpha, beta = norm.repeat_interleave(patch * patch, dim=0).unbind(1)
+    expected = (patches.float() * alpha + beta).to(dtype)
+    assert out.shape == (37, padded) and padded % 8 == 0 and padded - features < 8
+    assert torch.equal(out[:, :features], expected)
+    assert torch.equal(out[:, features:], torch.zeros(37, padded - features, dtype=dtype, device=DEVICE))
+
+
+def test_the_strategy_is_named_or_timed_once_per_shape_and_remembered(monkeypatch):
+    patches = torch.randint(0, 256, (40, 48), dtype=torch.uint8, device=DEVICE)
+    weight = torch.randn(8, 48, device=DEVICE, requires_grad=True)
+    norm = pe._scale_shift([0.5] * 3, [0.5] * 3, patches.device)
+    monkeypatch.setenv("FINEVIT_PATCH_EMBED", "two_pass")
+    assert pe._strategy(patches, weight, None, norm, 16) == "two_pass"
+    monkeypatch.setenv("FINEVIT_PATCH_EMBED", "fastest")
+    with pytest.raises(ValueError, match="FINEVIT_PATCH_EMBED must be one of auto, fused, two_pass"):
+        pe._strategy(patches, weight, None, norm, 16)
+    monkeypatch.setenv("FINEVIT_PATCH_EMBED", "auto")
+    assert pe._strategy(patches, weight, None, norm, 16) == "fused"  # nothing to time on (the interpreter)
+    timed = []
+    monkeypatch.setattr(pe, "_can_time", lambda weight: True)
+    monkeypatch.setattr(pe, "_fastest_strategy", {})
+    monkeypatch.setattr(pe, "_time_strategies", lambda *args: timed.append(args[-1]) or "two_pass")
+    for rows in (40, 41, 3000):  # 40 and 41 share a row-count octave; 3000 does not
+        assert pe._strategy(patches[:1].expand(rows, -1), weight, None, norm, 16) == "two_pass"
+    with torch.no_grad():  # no gradient to time: a key of its own
+        pe._strategy(patches, weight, None, norm, 16)
+    assert timed == [True, True, False]
