@@ -25,8 +25,9 @@
 #                       88, 128 with and without RoPE, against PyTorch's bf16 error (table in the summary);
 #                       TRITON_CACHE_AUTOTUNING=1 keeps its autotune choices on disk for the next stage
 #   bench_train_step 90 s, bench_attention 90 s, bench_loss 120 s (its 1M-pair probe alone takes ~1 min),
-#                       bench_patch_embed 45 s, bench_rope 45 s (3 cases; its torch.compile baseline's compiles come
-#                       from the warm-up's caches), bench_integrations 45 s:
+#                       bench_patch_embed 60 s (both strategies pinned besides the dispatched one), bench_rope 45 s
+#                       (3 cases; its torch.compile baseline's compiles come from the warm-up's caches),
+#                       bench_integrations 45 s:
 #                       one --quick run each (train_step's --quick runs b16 and so400m14, head dim 72, at 16k
 #                       tokens), one after the other; their Targets blocks, and train_step's host syncs per step,
 #                       go to the summary
@@ -211,7 +212,7 @@ if [ "$cpu" = 1 ]; then
 else
   bench_mode=$([ "$full" = 1 ] && echo "" || echo "--quick")
   declare -A limits=([environment]=60 [warmup]=75 [pytest]=150 [repro]=60 [sanitizer]=60 [aot]=90
-    [bench_attention]=90 [bench_loss]=120 [bench_patch_embed]=45 [bench_rope]=45 [bench_integrations]=45
+    [bench_attention]=90 [bench_loss]=120 [bench_patch_embed]=60 [bench_rope]=45 [bench_integrations]=45
     [bench_train_step]=90)
   # warm-up shards per bench (loss has fixed configs; rope's kernel too, but its torch.compile baseline compiles per
   # case) and of warm_kernels.py: 23 processes for 16 cores (compiling is most of their work; the tests' kernels,
