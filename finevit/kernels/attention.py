@@ -33,7 +33,12 @@ dot); a remainder is padded (masked):
     96 -> 64 + 32;  128 -> 128;  256 -> 128 + 128,
 against 96 for 72/80/88 in FA2/FA3, whose kernels round head dims up to a multiple of 32. v and o
 have no rotation and are split the same way by plain channel ranges. The plan is computed on the host
-(`_chunk_plan`) and passed as constexprs, so power-of-two head dims compile to a single chunk.
+(`_chunk_plans`) and passed as two constexpr tuples, QK_CHUNKS and V_CHUNKS, of one (PAIRS, START, REAL, WIDTH)
+per chunk (ROT_HALF = rotary_dim / 2 says where x2 starts), so power-of-two head dims compile to a single
+chunk. In the kernels a block split by a plan is a tuple of tiles, one per chunk, and jit helpers unroll
+the plan at compile time (`tl.static_range`): `_load_chunks` (load), `_load_dot_t` (load and q·kᵀ, the
+scores), `_load_dot_t_acc`, `_load_rescale_acc`, `_dot_acc` (the products into per-chunk accumulators),
+`_store_chunks` and `_store_grad_chunks` (store).
 
 Ragged scheduling: instead of a (cdiv(max_seqlen, BLOCK), heads, num_seqs) grid, which launches
 empty programs for every short sequence, the grid's first axis is a flat list of (sequence, block)
@@ -58,7 +63,7 @@ from .rope import rope_fwd
 
 LOG2E = 1.4426950408889634
 CU_BLOCK_SIZES = (16, 32, 64, 128)  # block sizes that the `cu_blocks` table has a row for
-NUM_QK_CHUNKS, NUM_V_CHUNKS = 4, 3
+NUM_QK_CHUNKS, NUM_V_CHUNKS = 4, 3  # the most chunks a q/k and a v/o plan may have
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,8 +107,8 @@ def _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK: tl.constexpr):
 def _load_chunk(X, stride_x_tok, rows, mask_rows,
                 ROT_HALF: tl.constexpr, PAIRS: tl.constexpr, START: tl.constexpr, REAL: tl.constexpr,
                 WIDTH: tl.constexpr):
-    """One (len(rows), WIDTH) channel chunk of X's `rows` (int32 offsets from the sequence's first token,
-    whose address is already folded into X), in X's dtype.
+    """One (len(rows), WIDTH) channel chunk (PAIRS, START, REAL, WIDTH) of X's `rows` (int32 offsets from
+    the sequence's first token, whose address is already folded into X), in X's dtype.
 
     PAIRS: the chunk holds REAL rotate-half pairs from pair START (x1 channels START.., x2 channels
     ROT_HALF + START..), interleaved as [x1_0, x2_0, x1_1, x2_1, ...] (the same permutation for q and k
@@ -133,9 +138,10 @@ def _load_chunk(X, stride_x_tok, rows, mask_rows,
 
 
 @triton.jit
-def _store_chunk(X, stride_x_tok, rows, mask_rows, value, START: tl.constexpr, REAL: tl.constexpr,
-                 WIDTH: tl.constexpr):
+def _store_chunk(X, stride_x_tok, rows, mask_rows, value, PAIRS: tl.constexpr, START: tl.constexpr,
+                 REAL: tl.constexpr, WIDTH: tl.constexpr):
     """Store a float32 (len(rows), WIDTH) chunk of plain channels START.. (REAL of them) in X's dtype."""
+    tl.static_assert(not PAIRS, "o and dV chunks are plain channel ranges")
     offs = tl.arange(0, WIDTH)
     mask = mask_rows[:, None] & (offs < REAL)[None, :]
     tl.store(X + rows[:, None] * stride_x_tok + START + offs[None, :], value.to(X.dtype.element_ty), mask=mask)
@@ -158,7 +164,109 @@ def _store_grad_chunk(X, stride_x_tok, rows, mask_rows, value, COS, SIN, stride_
         tl.store(ptr, (g1 * cos + g2 * sin).to(X.dtype.element_ty), mask=mask)
         tl.store(ptr + ROT_HALF, (g2 * cos - g1 * sin).to(X.dtype.element_ty), mask=mask)
     else:
-        _store_chunk(X, stride_x_tok, rows, mask_rows, value, START, REAL, WIDTH)
+        _store_chunk(X, stride_x_tok, rows, mask_rows, value, PAIRS, START, REAL, WIDTH)
+
+
+@triton.jit
+def _zero_chunk(ROWS: tl.constexpr, PAIRS: tl.constexpr, START: tl.constexpr, REAL: tl.constexpr,
+                WIDTH: tl.constexpr):
+    """A float32 (ROWS, WIDTH) accumulator for one chunk (it takes the whole chunk, as `*CHUNKS[c]`)."""
+    return tl.zeros([ROWS, WIDTH], dtype=tl.float32)
+
+
+# Tiles split by a chunk plan travel as tuples, one (rows, WIDTH) tile per chunk of the plan, in its order. The
+# helpers below loop over the plan with `tl.static_range` (unrolled at compile time) and hand each chunk's
+# constexprs to the one-chunk helpers above as `*CHUNKS[c]`: in triton 3.6, indexing a constexpr tuple gives plain
+# Python values, which a jit function accepts as separate constexpr arguments but not inside a tuple.
+# Where a loop loads a block and multiplies it, one helper does both, chunk by chunk (load chunk c, then its
+# products): that is the order of the slot-by-slot kernels these replaced (their TTIR is the same op for op), and
+# Triton's scheduling follows it. Loading every chunk first, then multiplying, moved registers per thread by -54 to
+# +10, added 1-2 KB of shared memory and made two spill-free backward tiles spill (bf16 d80 + RoPE, triton 3.8).
+
+
+@triton.jit
+def _load_chunks(X, stride_x_tok, rows, mask_rows, ROT_HALF: tl.constexpr, CHUNKS: tl.constexpr):
+    """X's `rows` split by the plan CHUNKS: a tuple of (len(rows), WIDTH) tiles in X's dtype (`_load_chunk`)."""
+    tiles = ()
+    for c in tl.static_range(len(CHUNKS)):
+        tiles = tiles + (_load_chunk(X, stride_x_tok, rows, mask_rows, ROT_HALF, *CHUNKS[c]),)
+    return tiles
+
+
+@triton.jit
+def _zero_chunks(ROWS: tl.constexpr, CHUNKS: tl.constexpr):
+    """float32 zeros for ROWS rows split by the plan CHUNKS: one (ROWS, WIDTH) accumulator per chunk."""
+    acc = ()
+    for c in tl.static_range(len(CHUNKS)):
+        acc = acc + (_zero_chunk(ROWS, *CHUNKS[c]),)
+    return acc
+
+
+@triton.jit
+def _load_dot_t(a, B, stride_b_tok, rows_b, mask_b, ROT_HALF: tl.constexpr, CHUNKS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """(a·bᵀ, b): b = B's `rows_b` loaded by the plan CHUNKS (as `_load_chunks`), a the same plan's tiles of
+    other rows, and a·bᵀ = Σ_c a[c]·b[c]ᵀ in float32, (rows of a, len(rows_b))."""
+    b = (_load_chunk(B, stride_b_tok, rows_b, mask_b, ROT_HALF, *CHUNKS[0]),)
+    s = tl.dot(a[0], tl.trans(b[0]), input_precision=DOT_PRECISION)
+    for c in tl.static_range(1, len(CHUNKS)):
+        b = b + (_load_chunk(B, stride_b_tok, rows_b, mask_b, ROT_HALF, *CHUNKS[c]),)
+        s += tl.dot(a[c], tl.trans(b[c]), input_precision=DOT_PRECISION)
+    return s, b
+
+
+@triton.jit
+def _load_dot_t_acc(a, B, stride_b_tok, rows_b, mask_b, p, acc, ROT_HALF: tl.constexpr, CHUNKS: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """(a·bᵀ, acc + p·b): `_load_dot_t`, and b also accumulated, p (rows of acc, len(rows_b)) float32 taken
+    in B's dtype."""
+    b0 = _load_chunk(B, stride_b_tok, rows_b, mask_b, ROT_HALF, *CHUNKS[0])
+    out = (acc[0] + tl.dot(p.to(B.dtype.element_ty), b0, input_precision=DOT_PRECISION),)
+    s = tl.dot(a[0], tl.trans(b0), input_precision=DOT_PRECISION)
+    for c in tl.static_range(1, len(CHUNKS)):
+        b_c = _load_chunk(B, stride_b_tok, rows_b, mask_b, ROT_HALF, *CHUNKS[c])
+        out = out + (acc[c] + tl.dot(p.to(B.dtype.element_ty), b_c, input_precision=DOT_PRECISION),)
+        s += tl.dot(a[c], tl.trans(b_c), input_precision=DOT_PRECISION)
+    return s, out
+
+
+@triton.jit
+def _load_rescale_acc(acc, alpha, p, B, stride_b_tok, rows_b, mask_b, ROT_HALF: tl.constexpr,
+                      CHUNKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc·α + p·b, chunk by chunk: b = B's `rows_b` loaded by the plan CHUNKS, α (rows of acc,) scales each
+    row of acc, p (rows of acc, len(rows_b)) is in B's dtype."""
+    out = ()
+    for c in tl.static_range(len(CHUNKS)):
+        b_c = _load_chunk(B, stride_b_tok, rows_b, mask_b, ROT_HALF, *CHUNKS[c])
+        out = out + (tl.dot(p, b_c, acc[c] * alpha[:, None], input_precision=DOT_PRECISION),)
+    return out
+
+
+@triton.jit
+def _dot_acc(p, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + p·b, chunk by chunk: (acc[c] + p·b[c] for each chunk c), p (rows, n), b[c] (n, WIDTH)."""
+    out = ()
+    for c in tl.static_range(len(b)):
+        out = out + (acc[c] + tl.dot(p, b[c], input_precision=DOT_PRECISION),)
+    return out
+
+
+@triton.jit
+def _store_chunks(X, stride_x_tok, rows, mask_rows, tiles, scale, CHUNKS: tl.constexpr):
+    """Store float32 tiles split by the plain-channel plan CHUNKS, times `scale` (a scalar, or a (rows, 1)
+    column that scales each row), into X's `rows`, in X's dtype."""
+    for c in tl.static_range(len(CHUNKS)):
+        _store_chunk(X, stride_x_tok, rows, mask_rows, tiles[c] * scale, *CHUNKS[c])
+
+
+@triton.jit
+def _store_grad_chunks(X, stride_x_tok, rows, mask_rows, tiles, scale, COS, SIN, stride_cs_tok,
+                       ROT_HALF: tl.constexpr, CHUNKS: tl.constexpr):
+    """Store float32 gradient tiles of q̃ or k̃ split by the plan CHUNKS, times `scale`, as the gradient of the
+    unrotated q or k (`_store_grad_chunk`)."""
+    for c in tl.static_range(len(CHUNKS)):
+        _store_grad_chunk(X, stride_x_tok, rows, mask_rows, tiles[c] * scale, COS, SIN, stride_cs_tok, ROT_HALF,
+                          *CHUNKS[c])
 
 
 @triton.jit
@@ -200,15 +308,8 @@ def _attn_fwd_kernel(
     # runtime scalars
     qk_scale,  # softmax_scale · log2(e)
     head_dim, max_seqlen_bucket,  # autotune keys only
-    # constexprs: the channel-chunk plan (see the module docstring), one group per slot
-    ROT_HALF: tl.constexpr,
-    QK0_ROT: tl.constexpr, QK0_START: tl.constexpr, QK0_REAL: tl.constexpr, QK0_WIDTH: tl.constexpr,
-    QK1_ROT: tl.constexpr, QK1_START: tl.constexpr, QK1_REAL: tl.constexpr, QK1_WIDTH: tl.constexpr,
-    QK2_ROT: tl.constexpr, QK2_START: tl.constexpr, QK2_REAL: tl.constexpr, QK2_WIDTH: tl.constexpr,
-    QK3_ROT: tl.constexpr, QK3_START: tl.constexpr, QK3_REAL: tl.constexpr, QK3_WIDTH: tl.constexpr,
-    V0_START: tl.constexpr, V0_REAL: tl.constexpr, V0_WIDTH: tl.constexpr,
-    V1_START: tl.constexpr, V1_REAL: tl.constexpr, V1_WIDTH: tl.constexpr,
-    V2_START: tl.constexpr, V2_REAL: tl.constexpr, V2_WIDTH: tl.constexpr,
+    # constexprs: the channel-chunk plans of q/k and v/o (see the module docstring)
+    ROT_HALF: tl.constexpr, QK_CHUNKS: tl.constexpr, V_CHUNKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32 rounding), ignored for fp16/bf16
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile sizes: constexpr so tiles live in registers
 ):
@@ -227,36 +328,15 @@ def _attn_fwd_kernel(
     mask_m = offs_m < seqlen
 
     # q chunks, kept in registers for the whole k loop (q and k arrive rotated when RoPE is on).
-    q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
-    if QK1_REAL > 0:
-        q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
-    if QK2_REAL > 0:
-        q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
-    if QK3_REAL > 0:
-        q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
-
+    q = _load_chunks(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK_CHUNKS)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, V0_WIDTH], dtype=tl.float32)
-    if V1_REAL > 0:
-        acc1 = tl.zeros([BLOCK_M, V1_WIDTH], dtype=tl.float32)
-    if V2_REAL > 0:
-        acc2 = tl.zeros([BLOCK_M, V2_WIDTH], dtype=tl.float32)
+    acc = _zero_chunks(BLOCK_M, V_CHUNKS)
 
     for start_n in range(0, seqlen, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < seqlen
-        k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
-        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
-        if QK1_REAL > 0:
-            k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
-            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-        if QK2_REAL > 0:
-            k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
-            s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
-        if QK3_REAL > 0:
-            k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
-            s += tl.dot(q3, tl.trans(k3), input_precision=DOT_PRECISION)
+        s, _ = _load_dot_t(q, K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK_CHUNKS, DOT_PRECISION)  # q·kᵀ
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -266,21 +346,11 @@ def _attn_fwd_kernel(
         m_i = m_new
         p = p.to(V.dtype.element_ty)
 
-        v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
-        acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
-        if V1_REAL > 0:
-            v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
-            acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
-        if V2_REAL > 0:
-            v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
-            acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = _load_rescale_acc(acc, alpha, p, V, stride_v_tok, offs_n, mask_n, ROT_HALF, V_CHUNKS,
+                                DOT_PRECISION)  # acc·α + p·v
 
     inv_l = 1.0 / l_i
-    _store_chunk(O, stride_o_tok, offs_m, mask_m, acc0 * inv_l[:, None], V0_START, V0_REAL, V0_WIDTH)
-    if V1_REAL > 0:
-        _store_chunk(O, stride_o_tok, offs_m, mask_m, acc1 * inv_l[:, None], V1_START, V1_REAL, V1_WIDTH)
-    if V2_REAL > 0:
-        _store_chunk(O, stride_o_tok, offs_m, mask_m, acc2 * inv_l[:, None], V2_START, V2_REAL, V2_WIDTH)
+    _store_chunks(O, stride_o_tok, offs_m, mask_m, acc, inv_l[:, None], V_CHUNKS)  # o = acc / l
     tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
 
 
@@ -319,14 +389,7 @@ def _attn_bwd_dkdv_kernel(
     # runtime scalars
     qk_scale, softmax_scale, head_dim, max_seqlen_bucket,
     # constexprs
-    ROT_HALF: tl.constexpr,
-    QK0_ROT: tl.constexpr, QK0_START: tl.constexpr, QK0_REAL: tl.constexpr, QK0_WIDTH: tl.constexpr,
-    QK1_ROT: tl.constexpr, QK1_START: tl.constexpr, QK1_REAL: tl.constexpr, QK1_WIDTH: tl.constexpr,
-    QK2_ROT: tl.constexpr, QK2_START: tl.constexpr, QK2_REAL: tl.constexpr, QK2_WIDTH: tl.constexpr,
-    QK3_ROT: tl.constexpr, QK3_START: tl.constexpr, QK3_REAL: tl.constexpr, QK3_WIDTH: tl.constexpr,
-    V0_START: tl.constexpr, V0_REAL: tl.constexpr, V0_WIDTH: tl.constexpr,
-    V1_START: tl.constexpr, V1_REAL: tl.constexpr, V1_WIDTH: tl.constexpr,
-    V2_START: tl.constexpr, V2_REAL: tl.constexpr, V2_WIDTH: tl.constexpr,
+    ROT_HALF: tl.constexpr, QK_CHUNKS: tl.constexpr, V_CHUNKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program owns a k-block of one head: dK, dV accumulate in registers over the sequence's q-blocks."""
@@ -347,82 +410,28 @@ def _attn_bwd_dkdv_kernel(
 
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < seqlen
-    k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
-    dk0 = tl.zeros([BLOCK_N, QK0_WIDTH], dtype=tl.float32)
-    if QK1_REAL > 0:
-        k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
-        dk1 = tl.zeros([BLOCK_N, QK1_WIDTH], dtype=tl.float32)
-    if QK2_REAL > 0:
-        k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
-        dk2 = tl.zeros([BLOCK_N, QK2_WIDTH], dtype=tl.float32)
-    if QK3_REAL > 0:
-        k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
-        dk3 = tl.zeros([BLOCK_N, QK3_WIDTH], dtype=tl.float32)
-    v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
-    dv0 = tl.zeros([BLOCK_N, V0_WIDTH], dtype=tl.float32)
-    if V1_REAL > 0:
-        v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
-        dv1 = tl.zeros([BLOCK_N, V1_WIDTH], dtype=tl.float32)
-    if V2_REAL > 0:
-        v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
-        dv2 = tl.zeros([BLOCK_N, V2_WIDTH], dtype=tl.float32)
+    k = _load_chunks(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK_CHUNKS)
+    v = _load_chunks(V, stride_v_tok, offs_n, mask_n, ROT_HALF, V_CHUNKS)
+    dk = _zero_chunks(BLOCK_N, QK_CHUNKS)
+    dv = _zero_chunks(BLOCK_N, V_CHUNKS)
 
     for start_m in range(0, seqlen, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < seqlen
         # Work transposed, (BLOCK_N, BLOCK_M): kᵀ-major tiles feed dK and dV without transposing p.
-        q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
-        s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
-        if QK1_REAL > 0:
-            q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
-            s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
-        if QK2_REAL > 0:
-            q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
-            s_t += tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION)
-        if QK3_REAL > 0:
-            q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
-            s_t += tl.dot(k3, tl.trans(q3), input_precision=DOT_PRECISION)
+        s_t, q = _load_dot_t(k, Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK_CHUNKS, DOT_PRECISION)  # k·qᵀ
         lse = tl.load(LSE + offs_m, mask=mask_m, other=float("inf"))  # +inf: padded q rows get p = 0
         delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
 
-        do0 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
-        dv0 += tl.dot(p_t.to(DO.dtype.element_ty), do0, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PRECISION)
-        if V1_REAL > 0:
-            do1 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
-            dv1 += tl.dot(p_t.to(DO.dtype.element_ty), do1, input_precision=DOT_PRECISION)
-            dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PRECISION)
-        if V2_REAL > 0:
-            do2 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
-            dv2 += tl.dot(p_t.to(DO.dtype.element_ty), do2, input_precision=DOT_PRECISION)
-            dp_t += tl.dot(v2, tl.trans(do2), input_precision=DOT_PRECISION)
+        # dPᵀ = v·dOᵀ and dV += pᵀ·dO, one dO chunk at a time.
+        dp_t, dv = _load_dot_t_acc(v, DO, stride_do_tok, offs_m, mask_m, p_t, dv, ROT_HALF, V_CHUNKS, DOT_PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
+        dk = _dot_acc(ds_t, q, dk, DOT_PRECISION)
 
-        dk0 += tl.dot(ds_t, q0, input_precision=DOT_PRECISION)
-        if QK1_REAL > 0:
-            dk1 += tl.dot(ds_t, q1, input_precision=DOT_PRECISION)
-        if QK2_REAL > 0:
-            dk2 += tl.dot(ds_t, q2, input_precision=DOT_PRECISION)
-        if QK3_REAL > 0:
-            dk3 += tl.dot(ds_t, q3, input_precision=DOT_PRECISION)
-
-    _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
-                      QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
-    if QK1_REAL > 0:
-        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
-                          QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
-    if QK2_REAL > 0:
-        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
-                          QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
-    if QK3_REAL > 0:
-        _store_grad_chunk(DK, stride_dk_tok, offs_n, mask_n, dk3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
-                          QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
-    _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv0, V0_START, V0_REAL, V0_WIDTH)
-    if V1_REAL > 0:
-        _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv1, V1_START, V1_REAL, V1_WIDTH)
-    if V2_REAL > 0:
-        _store_chunk(DV, stride_dv_tok, offs_n, mask_n, dv2, V2_START, V2_REAL, V2_WIDTH)
+    _store_grad_chunks(DK, stride_dk_tok, offs_n, mask_n, dk, softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
+                       QK_CHUNKS)
+    _store_chunks(DV, stride_dv_tok, offs_n, mask_n, dv, 1.0, V_CHUNKS)  # dV = Σ pᵀ·dO, unscaled
 
 
 @triton.jit
@@ -437,14 +446,7 @@ def _attn_bwd_dq_kernel(
     # runtime scalars
     qk_scale, softmax_scale, head_dim, max_seqlen_bucket,
     # constexprs
-    ROT_HALF: tl.constexpr,
-    QK0_ROT: tl.constexpr, QK0_START: tl.constexpr, QK0_REAL: tl.constexpr, QK0_WIDTH: tl.constexpr,
-    QK1_ROT: tl.constexpr, QK1_START: tl.constexpr, QK1_REAL: tl.constexpr, QK1_WIDTH: tl.constexpr,
-    QK2_ROT: tl.constexpr, QK2_START: tl.constexpr, QK2_REAL: tl.constexpr, QK2_WIDTH: tl.constexpr,
-    QK3_ROT: tl.constexpr, QK3_START: tl.constexpr, QK3_REAL: tl.constexpr, QK3_WIDTH: tl.constexpr,
-    V0_START: tl.constexpr, V0_REAL: tl.constexpr, V0_WIDTH: tl.constexpr,
-    V1_START: tl.constexpr, V1_REAL: tl.constexpr, V1_WIDTH: tl.constexpr,
-    V2_START: tl.constexpr, V2_REAL: tl.constexpr, V2_WIDTH: tl.constexpr,
+    ROT_HALF: tl.constexpr, QK_CHUNKS: tl.constexpr, V_CHUNKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program owns a q-block of one head: dQ accumulates in registers over the sequence's k-blocks."""
@@ -464,71 +466,25 @@ def _attn_bwd_dq_kernel(
 
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seqlen
-    q0 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
-    dq0 = tl.zeros([BLOCK_M, QK0_WIDTH], dtype=tl.float32)
-    if QK1_REAL > 0:
-        q1 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
-        dq1 = tl.zeros([BLOCK_M, QK1_WIDTH], dtype=tl.float32)
-    if QK2_REAL > 0:
-        q2 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
-        dq2 = tl.zeros([BLOCK_M, QK2_WIDTH], dtype=tl.float32)
-    if QK3_REAL > 0:
-        q3 = _load_chunk(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
-        dq3 = tl.zeros([BLOCK_M, QK3_WIDTH], dtype=tl.float32)
-    do0 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
-    if V1_REAL > 0:
-        do1 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
-    if V2_REAL > 0:
-        do2 = _load_chunk(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
+    q = _load_chunks(Q, stride_q_tok, offs_m, mask_m, ROT_HALF, QK_CHUNKS)
+    do = _load_chunks(DO, stride_do_tok, offs_m, mask_m, ROT_HALF, V_CHUNKS)
+    dq = _zero_chunks(BLOCK_M, QK_CHUNKS)
     lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
 
     for start_n in range(0, seqlen, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < seqlen
-        k0 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
-        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
-        if QK1_REAL > 0:
-            k1 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
-            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-        if QK2_REAL > 0:
-            k2 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
-            s += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
-        if QK3_REAL > 0:
-            k3 = _load_chunk(K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
-            s += tl.dot(q3, tl.trans(k3), input_precision=DOT_PRECISION)
+        s, k = _load_dot_t(q, K, stride_k_tok, offs_n, mask_n, ROT_HALF, QK_CHUNKS, DOT_PRECISION)  # q·kᵀ
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
 
-        v0 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V0_START, V0_REAL, V0_WIDTH)
-        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PRECISION)
-        if V1_REAL > 0:
-            v1 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V1_START, V1_REAL, V1_WIDTH)
-            dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PRECISION)
-        if V2_REAL > 0:
-            v2 = _load_chunk(V, stride_v_tok, offs_n, mask_n, ROT_HALF, False, V2_START, V2_REAL, V2_WIDTH)
-            dp += tl.dot(do2, tl.trans(v2), input_precision=DOT_PRECISION)
+        dp, _ = _load_dot_t(do, V, stride_v_tok, offs_n, mask_n, ROT_HALF, V_CHUNKS, DOT_PRECISION)  # dO·vᵀ
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
+        dq = _dot_acc(ds, k, dq, DOT_PRECISION)
 
-        dq0 += tl.dot(ds, k0, input_precision=DOT_PRECISION)
-        if QK1_REAL > 0:
-            dq1 += tl.dot(ds, k1, input_precision=DOT_PRECISION)
-        if QK2_REAL > 0:
-            dq2 += tl.dot(ds, k2, input_precision=DOT_PRECISION)
-        if QK3_REAL > 0:
-            dq3 += tl.dot(ds, k3, input_precision=DOT_PRECISION)
-
-    _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq0 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
-                      QK0_ROT, QK0_START, QK0_REAL, QK0_WIDTH)
-    if QK1_REAL > 0:
-        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq1 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
-                          QK1_ROT, QK1_START, QK1_REAL, QK1_WIDTH)
-    if QK2_REAL > 0:
-        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq2 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
-                          QK2_ROT, QK2_START, QK2_REAL, QK2_WIDTH)
-    if QK3_REAL > 0:
-        _store_grad_chunk(DQ, stride_dq_tok, offs_m, mask_m, dq3 * softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
-                          QK3_ROT, QK3_START, QK3_REAL, QK3_WIDTH)
+    _store_grad_chunks(DQ, stride_dq_tok, offs_m, mask_m, dq, softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
+                       QK_CHUNKS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -553,36 +509,50 @@ def _split(units: int, min_alloc: int, cap: int, max_chunks: int) -> list[tuple[
     return chunks
 
 
-def _chunk_plan(head_dim: int, rotary_dim: int) -> dict:
-    """Constexprs describing how q/k channels (QK0..QK3) and v/o channels (V0..V2) are tiled.
+def _chunk_plans(head_dim: int, rotary_dim: int) -> tuple[tuple[tuple[bool, int, int, int], ...], ...]:
+    """(q/k chunks, v/o chunks): how the channels are tiled, each chunk a (PAIRS, START, REAL, WIDTH) tuple.
 
     Rotary pairs come first (chunks of >= 8 pairs = 16 channels, at most 64 pairs), then the plain
-    channels past the rotary dim; v/o are plain channel ranges. Unused slots have REAL = 0.
+    channels past the rotary dim; v/o are plain channel ranges. At most NUM_QK_CHUNKS and NUM_V_CHUNKS chunks.
     """
-    plan = {"ROT_HALF": max(rotary_dim // 2, 1)}
     plain_qk = head_dim - rotary_dim
-    candidates = []  # every way to share the slots between rotary pairs and plain channels
-    for rotary_slots in range(1 if rotary_dim else 0, NUM_QK_CHUNKS + 1 - (1 if plain_qk else 0)):
-        rotary = _split(rotary_dim // 2, 8, 64, rotary_slots) if rotary_dim else []
+    candidates = []  # every way to share the chunks between rotary pairs and plain channels
+    for rotary_chunks in range(1 if rotary_dim else 0, NUM_QK_CHUNKS + 1 - (1 if plain_qk else 0)):
+        rotary = _split(rotary_dim // 2, 8, 64, rotary_chunks) if rotary_dim else []
         plain = _split(plain_qk, 16, 128, NUM_QK_CHUNKS - len(rotary)) if plain_qk else []
         qk = [(True, start, real, 2 * alloc) for start, real, alloc in rotary]
         qk += [(False, rotary_dim + start, real, alloc) for start, real, alloc in plain]
         candidates.append((sum(width for *_, width in qk), len(qk), qk))
     _, _, qk = min(candidates, key=lambda c: c[:2])  # least matmul work, then fewest chunks
-    qk += [(False, 0, 0, 16)] * (NUM_QK_CHUNKS - len(qk))
+    v = [(False, start, real, alloc) for start, real, alloc in _split(head_dim, 16, 128, NUM_V_CHUNKS)]
+    return tuple(qk), tuple(v)
+
+
+def _kernel_plan(head_dim: int, rotary_dim: int) -> dict:
+    """The plan constexprs of the attention kernels: ROT_HALF, QK_CHUNKS and V_CHUNKS (`_chunk_plans`)."""
+    qk, v = _chunk_plans(head_dim, rotary_dim)
+    return {"ROT_HALF": max(rotary_dim // 2, 1), "QK_CHUNKS": qk, "V_CHUNKS": v}
+
+
+def _chunk_plan(head_dim: int, rotary_dim: int) -> dict:
+    """The same plan by slot, as the kernels took it before they took chunk tuples (and as the chunk-plan test
+    reads it): ROT_HALF, QK{i}_ROT / _START / _REAL / _WIDTH for i < NUM_QK_CHUNKS and V{i}_START / _REAL / _WIDTH
+    for i < NUM_V_CHUNKS; unused slots have REAL = 0."""
+    qk, v = _chunk_plans(head_dim, rotary_dim)
+    qk += ((False, 0, 0, 16),) * (NUM_QK_CHUNKS - len(qk))
+    v += ((False, 0, 0, 16),) * (NUM_V_CHUNKS - len(v))
+    plan = {"ROT_HALF": max(rotary_dim // 2, 1)}
     for i, (rot, start, real, width) in enumerate(qk):
         plan.update({f"QK{i}_ROT": rot, f"QK{i}_START": start, f"QK{i}_REAL": real, f"QK{i}_WIDTH": width})
-    v = _split(head_dim, 16, 128, NUM_V_CHUNKS)
-    v += [(0, 0, 16)] * (NUM_V_CHUNKS - len(v))
-    for i, (start, real, alloc) in enumerate(v):
-        plan.update({f"V{i}_START": start, f"V{i}_REAL": real, f"V{i}_WIDTH": alloc})
+    for i, (_, start, real, width) in enumerate(v):
+        plan.update({f"V{i}_START": start, f"V{i}_REAL": real, f"V{i}_WIDTH": width})
     return plan
 
 
 def matmul_channels(head_dim: int, rotary_dim: int) -> int:
     """Channels of q·kᵀ work per (query, key) pair that the plan spends for `head_dim` (padding included)."""
-    plan = _chunk_plan(head_dim, rotary_dim)
-    return sum(plan[f"QK{i}_WIDTH"] for i in range(NUM_QK_CHUNKS) if plan[f"QK{i}_REAL"])
+    qk, _ = _chunk_plans(head_dim, rotary_dim)
+    return sum(width for *_, width in qk)
 
 
 CU_BLOCKS_SCAN = 256  # sequences per scan step of `_cu_blocks_kernel`
@@ -619,7 +589,7 @@ if os.environ.get("FINEVIT_ATTENTION_TUNING") == "wide":
                                  (64, 128, 4, 3), (128, 64, 4, 3)]
     _DKDV_SHAPES = _DKDV_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
     _DQ_SHAPES = _DQ_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
-_KEYS = ["head_dim", "max_seqlen_bucket", "ROT_HALF", "QK0_ROT"]  # rotary layout changes the best tile
+_KEYS = ["head_dim", "max_seqlen_bucket", "ROT_HALF", "QK_CHUNKS"]  # rotary layout changes the best tile
 _attn_fwd_tuned = autotune(configs(["BLOCK_M", "BLOCK_N"], _FWD_SHAPES), key=_KEYS)(_attn_fwd_kernel)
 _attn_bwd_dkdv_tuned = autotune(configs(["BLOCK_N", "BLOCK_M"], _DKDV_SHAPES), key=_KEYS)(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq_tuned = autotune(configs(["BLOCK_M", "BLOCK_N"], _DQ_SHAPES), key=_KEYS)(_attn_bwd_dq_kernel)
@@ -632,7 +602,7 @@ def _seqlen_bucket(max_seqlen: int) -> int:
 
 
 def _common(q, rotary_dim, softmax_scale):
-    plan = _chunk_plan(q.shape[2], rotary_dim)
+    plan = _kernel_plan(q.shape[2], rotary_dim)
     plan["DOT_PRECISION"] = "ieee" if q.dtype == torch.float32 else "tf32"
     return plan, softmax_scale * LOG2E
 
