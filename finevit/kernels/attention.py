@@ -113,14 +113,24 @@ def _load_chunk(X, stride_x_tok, rows, mask_rows,
     PAIRS: the chunk holds REAL rotate-half pairs from pair START (x1 channels START.., x2 channels
     ROT_HALF + START..), interleaved as [x1_0, x2_0, x1_1, x2_1, ...] (the same permutation for q and k
     leaves q·kᵀ unchanged). Otherwise: REAL plain channels from channel START. Rows outside `mask_rows`
-    and channels past REAL are zeros. The loads themselves are unmasked: rows outside the mask read the
-    sequence's first token and channels past REAL read channel START (always in bounds), and `tl.where`
-    writes the zeros. On an H100 with triton 3.6, masked loads of a chunk with REAL < WIDTH (head dim 72)
-    hit illegal addresses; in-bounds addresses by construction cannot (bench/NOTES.md).
+    and channels past REAL are zeros.
+
+    A full chunk (REAL fills WIDTH) is a plain row-masked load of contiguous channels: Triton sees the
+    contiguity, loads 16-byte vectors and pipelines them through shared memory (cp.async, `num_stages`). A
+    partial chunk (head dim 72's 8 of 16, 88's 8 of 16) is loaded unmasked from in-bounds addresses (rows
+    outside the mask read the sequence's first token, channels past REAL read channel START) and zeroed with
+    `tl.where`: on an H100 with triton 3.6, masked loads of such chunks hit illegal addresses (bench/NOTES.md).
+    The clamped addresses hide the contiguity (2-byte loads, no cp.async), which is why full chunks, every
+    chunk of head dims 64, 80, 96 and 128, do not take that path.
     """
-    rows_in = tl.where(mask_rows, rows, 0)
     if PAIRS:
         offs = tl.arange(0, WIDTH // 2)
+        if REAL == WIDTH // 2:
+            ptr = X + rows[:, None] * stride_x_tok + (START + offs)[None, :]
+            x1 = tl.load(ptr, mask=mask_rows[:, None], other=0.0)
+            x2 = tl.load(ptr + ROT_HALF, mask=mask_rows[:, None], other=0.0)
+            return tl.reshape(tl.join(x1, x2), (rows.shape[0], WIDTH))  # (N, WIDTH / 2, 2) -> (N, WIDTH)
+        rows_in = tl.where(mask_rows, rows, 0)
         ptr = X + rows_in[:, None] * stride_x_tok + (START + tl.where(offs < REAL, offs, 0))[None, :]
         x = tl.reshape(tl.join(tl.load(ptr), tl.load(ptr + ROT_HALF)), (rows.shape[0], WIDTH))
         # Zero after the interleave, with a mask of the interleaved layout (channel c holds pair c // 2). Zeroing
@@ -129,9 +139,13 @@ def _load_chunk(X, stride_x_tok, rows, mask_rows,
         # pass builds an illegal shared layout for the reshaped buffer ("expected collapsed shapePerCTA to be
         # at least [8, 32]"). This form compiles on 3.6 to 3.9 with the same registers and shared memory.
         keep = mask_rows[:, None] & ((tl.arange(0, WIDTH) // 2) < REAL)[None, :]
-        return tl.where(keep, x, tl.zeros_like(x))  # (N, WIDTH / 2, 2) -> (N, WIDTH)
+        return tl.where(keep, x, tl.zeros_like(x))
     else:
         offs = tl.arange(0, WIDTH)
+        if REAL == WIDTH:
+            return tl.load(X + rows[:, None] * stride_x_tok + (START + offs)[None, :], mask=mask_rows[:, None],
+                           other=0.0)
+        rows_in = tl.where(mask_rows, rows, 0)
         keep = mask_rows[:, None] & (offs < REAL)[None, :]
         x = tl.load(X + rows_in[:, None] * stride_x_tok + (START + tl.where(offs < REAL, offs, 0))[None, :])
         return tl.where(keep, x, tl.zeros_like(x))

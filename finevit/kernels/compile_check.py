@@ -368,7 +368,7 @@ class Variant:
     attrs: dict  # {(argument index,): [["tt.divisibility", 16]]}
     options: dict
     config: str  # label
-    flags: str  # the launch's boolean constexprs that are set, e.g. "CONJUGATE" (chunk-plan flags aside)
+    flags: str  # the launch's boolean constexprs that are set, e.g. "CONJUGATE"
     expects_mma: bool  # has a matmul for tensor cores: not an fp32 "ieee" dot
 
     @property
@@ -425,7 +425,7 @@ def variants(launch: Launch, overrides: dict[str, list] | None = None) -> list[V
                 attrs[(index,)] = [["tt.divisibility", 16]]
         result.append(Variant(
             kernel, signature, constants, attrs, config_options, _config_label(config.kwargs, config_options),
-            flags=" ".join(k for k, v in constexprs.items() if v is True and not re.fullmatch(r"QK\d_ROT", k)),
+            flags=" ".join(k for k, v in constexprs.items() if v is True),
             expects_mma=config_constexprs.get("DOT_PRECISION") != "ieee",
         ))
     return result

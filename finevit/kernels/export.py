@@ -19,7 +19,7 @@ How: each kernel's launch is recorded from its Python launcher on CPU tensors wi
 a GPU. The launch is then compiled with Triton's compiler for `GPUTarget("cuda", 80|90, 32)` -- the same
 `triton.compile(ASTSource(...))` call `triton.tools.compile` makes -- and the cubin is embedded in C.
 We do not use the `triton.tools.compile` command line and its C template, nor `triton.tools.link`: its
-signature strings cannot express string or boolean constexprs (`DOT_PRECISION="tf32"`, `QK0_ROT=False`), its
+signature strings cannot express string or boolean constexprs (`DOT_PRECISION="tf32"`, `CONJUGATE=False`), its
 template calls `exit()` on any CUDA error, loads the module once for device 0 whatever the context, and calls
 `cu*` functions that a library loading the driver at run time does not have; and `link.py` dispatches only on
 the divisibility of arguments, while we dispatch on kernel, head dim, dtype and compute capability. So the
