@@ -52,6 +52,19 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def alignment(*values: int, limit: int = 16) -> int:
+    """The largest power of two <= `limit` dividing every value (0 is divisible by all).
+
+    Kernels take their strides (and some sizes) divided by this as an `ALIGN` constexpr and multiply them back:
+    Triton then knows that rows and heads start on ALIGN-element boundaries and loads ALIGN-wide vectors, which it
+    cannot assume from a stride like 72 (it specializes integer arguments only on divisibility by 16). A limit of
+    16 bytes' worth of elements is the widest vector."""
+    align = limit
+    while any(v % align for v in values):
+        align //= 2
+    return align
+
+
 def launch(tuned, plain, grid, *args, interpreter_blocks: dict, **constexprs) -> None:
     """Launch an autotuned kernel; under the interpreter, where every autotune candidate would run (slowly),
     its plain kernel with the one fixed tile `interpreter_blocks` instead."""

@@ -45,6 +45,12 @@ empty programs for every short sequence, the grid's first axis is a flat list of
 work items: `cu_blocks` (cumulative block counts per sequence, built on the device with torch ops, no
 host sync) is binary-searched by each program; the grid size cdiv(total_tokens, BLOCK) + num_seqs
 is an upper bound known from shapes alone, and programs past the last work item return at once.
+
+Strides are passed divided by ALIGN, the largest power of two (at most 16 bytes of elements) that divides
+them all, and multiplied back by the constexpr in the kernels (`_dispatch.alignment`). Triton specializes
+integer arguments only on divisibility by 16, so a head stride of 72 (SigLIP so400m) told it nothing and every
+q/k/v element at head dims 72 and 88 was a synchronous 2-byte load; with ALIGN = 8 they are 16-byte vectors
+through cp.async, as at 64 or 128. The cos/sin row stride likewise comes in units of TABLE_ALIGN.
 """
 
 from __future__ import annotations
@@ -104,6 +110,13 @@ def _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _in_elements(ALIGN: tl.constexpr, a, b, c, d):
+    """Four strides given in units of ALIGN elements, in elements: products by a constexpr, so Triton knows each
+    is a multiple of ALIGN (and the rows and heads they address start on ALIGN-element boundaries)."""
+    return a * ALIGN, b * ALIGN, c * ALIGN, d * ALIGN
+
+
+@triton.jit
 def _load_chunk(X, stride_x_tok, rows, mask_rows,
                 ROT_HALF: tl.constexpr, PAIRS: tl.constexpr, START: tl.constexpr, REAL: tl.constexpr,
                 WIDTH: tl.constexpr):
@@ -115,40 +128,39 @@ def _load_chunk(X, stride_x_tok, rows, mask_rows,
     leaves q·kᵀ unchanged). Otherwise: REAL plain channels from channel START. Rows outside `mask_rows`
     and channels past REAL are zeros.
 
-    A full chunk (REAL fills WIDTH) is a plain row-masked load of contiguous channels: Triton sees the
-    contiguity, loads 16-byte vectors and pipelines them through shared memory (cp.async, `num_stages`). A
-    partial chunk (head dim 72's 8 of 16, 88's 8 of 16) is loaded unmasked from in-bounds addresses (rows
-    outside the mask read the sequence's first token, channels past REAL read channel START) and zeroed with
-    `tl.where`: on an H100 with triton 3.6, masked loads of such chunks hit illegal addresses (bench/NOTES.md).
-    The clamped addresses hide the contiguity (2-byte loads, no cp.async), which is why full chunks, every
-    chunk of head dims 64, 80, 96 and 128, do not take that path.
+    Every chunk is a row-masked load of contiguous channels (two for a pair chunk, joined): Triton sees the
+    contiguity, loads 16-byte vectors and pipelines them through shared memory (cp.async, `num_stages`). A partial
+    chunk (head dim 72's 8 of 16, 88's 8 of 16) reads channel START + (c mod REAL) in lane c, its real channels
+    again, which keeps every address in bounds and REAL-wide runs contiguous, and `tl.where` zeroes the padding
+    lanes. Masks are never channel-varying: on an H100 with triton 3.6, loads of partial chunks with masks that
+    varied along the channels hit illegal addresses (bench/NOTES.md, 2026-11-26); the workaround that clamped
+    every address instead (`tl.where` on the offsets) hid the contiguity and made every element a synchronous
+    2-byte load, which the mod form does not.
     """
     if PAIRS:
         offs = tl.arange(0, WIDTH // 2)
-        if REAL == WIDTH // 2:
-            ptr = X + rows[:, None] * stride_x_tok + (START + offs)[None, :]
-            x1 = tl.load(ptr, mask=mask_rows[:, None], other=0.0)
-            x2 = tl.load(ptr + ROT_HALF, mask=mask_rows[:, None], other=0.0)
-            return tl.reshape(tl.join(x1, x2), (rows.shape[0], WIDTH))  # (N, WIDTH / 2, 2) -> (N, WIDTH)
-        rows_in = tl.where(mask_rows, rows, 0)
-        ptr = X + rows_in[:, None] * stride_x_tok + (START + tl.where(offs < REAL, offs, 0))[None, :]
-        x = tl.reshape(tl.join(tl.load(ptr), tl.load(ptr + ROT_HALF)), (rows.shape[0], WIDTH))
-        # Zero after the interleave, with a mask of the interleaved layout (channel c holds pair c // 2). Zeroing
-        # x1 and x2 before `tl.join` is the same math, but triton <= 3.6 cannot compile it where the tile feeds
-        # `tl.dot` both as it is and transposed (the backward's q and k tiles): its TritonGPUOptimizeDotOperands
-        # pass builds an illegal shared layout for the reshaped buffer ("expected collapsed shapePerCTA to be
-        # at least [8, 32]"). This form compiles on 3.6 to 3.9 with the same registers and shared memory.
-        keep = mask_rows[:, None] & ((tl.arange(0, WIDTH) // 2) < REAL)[None, :]
-        return tl.where(keep, x, tl.zeros_like(x))
+        if REAL < WIDTH // 2:
+            offs = offs % REAL
+        ptr = X + rows[:, None] * stride_x_tok + (START + offs)[None, :]
+        x1 = tl.load(ptr, mask=mask_rows[:, None], other=0.0)
+        x2 = tl.load(ptr + ROT_HALF, mask=mask_rows[:, None], other=0.0)
+        x = tl.reshape(tl.join(x1, x2), (rows.shape[0], WIDTH))  # (N, WIDTH / 2, 2) -> (N, WIDTH)
+        if REAL < WIDTH // 2:
+            # Zero after the interleave, with a mask of the interleaved layout (channel c holds pair c // 2).
+            # Zeroing x1 and x2 before `tl.join` is the same math, but triton <= 3.6 cannot compile it where the
+            # tile feeds `tl.dot` both as it is and transposed (the backward's q and k tiles): its
+            # TritonGPUOptimizeDotOperands pass builds an illegal shared layout for the reshaped buffer
+            # ("expected collapsed shapePerCTA to be at least [8, 32]").
+            x = tl.where(((tl.arange(0, WIDTH) // 2) < REAL)[None, :], x, tl.zeros_like(x))
+        return x
     else:
         offs = tl.arange(0, WIDTH)
-        if REAL == WIDTH:
-            return tl.load(X + rows[:, None] * stride_x_tok + (START + offs)[None, :], mask=mask_rows[:, None],
-                           other=0.0)
-        rows_in = tl.where(mask_rows, rows, 0)
-        keep = mask_rows[:, None] & (offs < REAL)[None, :]
-        x = tl.load(X + rows_in[:, None] * stride_x_tok + (START + tl.where(offs < REAL, offs, 0))[None, :])
-        return tl.where(keep, x, tl.zeros_like(x))
+        if REAL < WIDTH:
+            offs = offs % REAL
+        x = tl.load(X + rows[:, None] * stride_x_tok + (START + offs)[None, :], mask=mask_rows[:, None], other=0.0)
+        if REAL < WIDTH:
+            x = tl.where((tl.arange(0, WIDTH) < REAL)[None, :], x, tl.zeros_like(x))
+        return x
 
 
 @triton.jit
@@ -316,7 +328,7 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     # varlen metadata
     CU_SEQLENS, CU_BLOCKS, num_seqs, total_tokens,
-    # strides (last dims are contiguous)
+    # strides in units of ALIGN elements (last dims are contiguous)
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_o_tok, stride_o_head,
     # runtime scalars
@@ -325,11 +337,16 @@ def _attn_fwd_kernel(
     # constexprs: the channel-chunk plans of q/k and v/o (see the module docstring)
     ROT_HALF: tl.constexpr, QK_CHUNKS: tl.constexpr, V_CHUNKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32 rounding), ignored for fp16/bf16
+    ALIGN: tl.constexpr,  # every stride is a multiple of ALIGN elements (`_dispatch.alignment`)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile sizes: constexpr so tiles live in registers
 ):
     valid, seq_start, seqlen, block = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_M)
     if not valid:
         return
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head = _in_elements(ALIGN, stride_q_tok, stride_q_head,
+                                                                      stride_k_tok, stride_k_head)
+    stride_v_tok, stride_v_head, stride_o_tok, stride_o_head = _in_elements(ALIGN, stride_v_tok, stride_v_head,
+                                                                      stride_o_tok, stride_o_head)
     # Fold the (int64) sequence start and head into the base pointers: tile offsets stay int32.
     head = tl.program_id(1).to(tl.int64)
     Q += head * stride_q_head + seq_start * stride_q_tok
@@ -377,10 +394,12 @@ def _attn_fwd_kernel(
 def _attn_bwd_preprocess_kernel(
     O, DO, DELTA,
     total_tokens,
-    stride_o_tok, stride_o_head, stride_do_tok, stride_do_head,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_o_tok, stride_o_head, stride_do_tok, stride_do_head,  # in units of ALIGN elements
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """δ[h, t] = Σ_d dO[t, h, d] · O[t, h, d] in float32; grid (cdiv(total_tokens, BLOCK_T), heads)."""
+    stride_o_tok, stride_o_head, stride_do_tok, stride_do_head = _in_elements(ALIGN, stride_o_tok, stride_o_head,
+                                                                        stride_do_tok, stride_do_head)
     head = tl.program_id(1).to(tl.int64)
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -397,19 +416,27 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
     # varlen metadata
     CU_SEQLENS, CU_BLOCKS, num_seqs, total_tokens,
-    # strides (dk, dv share k's, v's layout: they are allocated contiguous like k, v)
+    # strides in units of ALIGN elements, the tables' (stride_cs_tok) in units of TABLE_ALIGN
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_do_tok, stride_do_head, stride_dk_tok, stride_dk_head, stride_dv_tok, stride_dv_head, stride_cs_tok,
     # runtime scalars
     qk_scale, softmax_scale, head_dim, max_seqlen_bucket,
     # constexprs
     ROT_HALF: tl.constexpr, QK_CHUNKS: tl.constexpr, V_CHUNKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, TABLE_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program owns a k-block of one head: dK, dV accumulate in registers over the sequence's q-blocks."""
     valid, seq_start, seqlen, block = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_N)
     if not valid:
         return
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head = _in_elements(ALIGN, stride_q_tok, stride_q_head,
+                                                                      stride_k_tok, stride_k_head)
+    stride_v_tok, stride_v_head, stride_do_tok, stride_do_head = _in_elements(ALIGN, stride_v_tok, stride_v_head,
+                                                                        stride_do_tok, stride_do_head)
+    stride_dk_tok, stride_dk_head, stride_dv_tok, stride_dv_head = _in_elements(ALIGN, stride_dk_tok, stride_dk_head,
+                                                                                stride_dv_tok, stride_dv_head)
+    stride_cs_tok = stride_cs_tok * TABLE_ALIGN
     head = tl.program_id(1).to(tl.int64)
     Q += head * stride_q_head + seq_start * stride_q_tok
     K += head * stride_k_head + seq_start * stride_k_tok
@@ -454,19 +481,26 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
     # varlen metadata
     CU_SEQLENS, CU_BLOCKS, num_seqs, total_tokens,
-    # strides
+    # strides in units of ALIGN elements, the tables' (stride_cs_tok) in units of TABLE_ALIGN
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_do_tok, stride_do_head, stride_dq_tok, stride_dq_head, stride_cs_tok,
     # runtime scalars
     qk_scale, softmax_scale, head_dim, max_seqlen_bucket,
     # constexprs
     ROT_HALF: tl.constexpr, QK_CHUNKS: tl.constexpr, V_CHUNKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, TABLE_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program owns a q-block of one head: dQ accumulates in registers over the sequence's k-blocks."""
     valid, seq_start, seqlen, block = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_M)
     if not valid:
         return
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head = _in_elements(ALIGN, stride_q_tok, stride_q_head,
+                                                                      stride_k_tok, stride_k_head)
+    stride_v_tok, stride_v_head, stride_do_tok, stride_do_head = _in_elements(ALIGN, stride_v_tok, stride_v_head,
+                                                                        stride_do_tok, stride_do_head)
+    stride_dq_tok, stride_dq_head = stride_dq_tok * ALIGN, stride_dq_head * ALIGN
+    stride_cs_tok = stride_cs_tok * TABLE_ALIGN
     head = tl.program_id(1).to(tl.int64)
     Q += head * stride_q_head + seq_start * stride_q_tok
     K += head * stride_k_head + seq_start * stride_k_tok
@@ -603,7 +637,7 @@ if os.environ.get("FINEVIT_ATTENTION_TUNING") == "wide":
                                  (64, 128, 4, 3), (128, 64, 4, 3)]
     _DKDV_SHAPES = _DKDV_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
     _DQ_SHAPES = _DQ_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
-_KEYS = ["head_dim", "max_seqlen_bucket", "ROT_HALF", "QK_CHUNKS"]  # rotary layout changes the best tile
+_KEYS = ["head_dim", "max_seqlen_bucket", "ROT_HALF", "QK_CHUNKS", "ALIGN"]  # rotary layout changes the best tile
 _attn_fwd_tuned = autotune(configs(["BLOCK_M", "BLOCK_N"], _FWD_SHAPES), key=_KEYS)(_attn_fwd_kernel)
 _attn_bwd_dkdv_tuned = autotune(configs(["BLOCK_N", "BLOCK_M"], _DKDV_SHAPES), key=_KEYS)(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq_tuned = autotune(configs(["BLOCK_M", "BLOCK_N"], _DQ_SHAPES), key=_KEYS)(_attn_bwd_dq_kernel)
@@ -613,6 +647,14 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}  # the one tile the interpr
 def _seqlen_bucket(max_seqlen: int) -> int:
     """Autotune key: ragged batches share a tuning while their longest sequence is in the same octave."""
     return triton.next_power_of_2(max(max_seqlen, 16))
+
+
+def _strides_in_units(*tensors: torch.Tensor) -> tuple[int, list[int]]:
+    """(ALIGN, the token and head strides of `tensors` in order, divided by it): ALIGN is the largest power of two
+    dividing them all, at most 16 bytes of elements (`_dispatch.alignment`); 8 for 16-bit dense layouts."""
+    strides = [s for t in tensors for s in (t.stride(0), t.stride(1))]
+    align = _dispatch.alignment(*strides, limit=16 // tensors[0].element_size())
+    return align, [s // align for s in strides]
 
 
 def _common(q, rotary_dim, softmax_scale):
@@ -643,14 +685,14 @@ def attention_fwd(
     def grid(meta):
         return (triton.cdiv(total_tokens, meta["BLOCK_M"]) + num_seqs, num_heads)
 
+    align, strides = _strides_in_units(q, k, v, o)
     _dispatch.launch(
         _attn_fwd_tuned, _attn_fwd_kernel, grid,
         q, k, v, o, lse,
         cu_seqlens, cu_blocks, num_seqs, total_tokens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1),
+        *strides,
         qk_scale, head_dim, _seqlen_bucket(max_seqlen),
-        **plan, interpreter_blocks=_INTERPRETER_BLOCKS,
+        **plan, ALIGN=align, interpreter_blocks=_INTERPRETER_BLOCKS,
     )
     return o, lse, q_rot, k_rot
 
@@ -667,9 +709,12 @@ def attention_bwd(
     num_seqs = cu_seqlens.shape[0] - 1
     rotary_dim = 2 * cos.shape[1] if cos is not None else 0
     plan, qk_scale = _common(q, rotary_dim, softmax_scale)
-    cos_t = cos if cos is not None else q.new_empty(0, dtype=torch.float32)  # read by rotary chunks only
-    sin_t = sin if sin is not None else cos_t
-    stride_cs = cos_t.stride(0) if cos_t.numel() else 0
+    if cos is None:
+        cos = sin = q.new_empty(0, dtype=torch.float32)  # read by rotary chunks only
+    elif cos.stride(0) != sin.stride(0):  # the kernels take one row stride for both tables
+        cos, sin = cos.contiguous(), sin.contiguous()
+    stride_cs = cos.stride(0) if cos.numel() else 0
+    table_align = _dispatch.alignment(stride_cs, limit=4)  # float32 elements
     if do.stride(-1) != 1:  # e.g. the expanded, stride-0 gradient of out.sum()
         do = do.contiguous()
     dq = _dispatch.empty(q.shape, q.dtype, q.device)
@@ -679,12 +724,15 @@ def attention_bwd(
     cu_blocks = _cu_blocks(cu_seqlens)
 
     block_t = 32 if _dispatch.interpreting() else 64
+    align, strides = _strides_in_units(o, do)
     wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(total_tokens, block_t), num_heads)](
-        o, do, delta, total_tokens, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
-        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim),
+        o, do, delta, total_tokens, *strides,
+        HEAD_DIM=head_dim, ALIGN=align, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim),
     )
     shared = (cu_seqlens, cu_blocks, num_seqs, total_tokens)
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+    # One ALIGN for both kernels (dq, dk, dv are dense: they never lower it).
+    align, strides = _strides_in_units(q, k, v, do, dk, dv, dq)
+    dkdv_strides, dq_strides = strides[:12], strides[:8] + strides[12:]
     scalars = (qk_scale, softmax_scale, head_dim, _seqlen_bucket(max_seqlen))
 
     def grid_kv(meta):
@@ -695,15 +743,15 @@ def attention_bwd(
 
     _dispatch.launch(
         _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, grid_kv,
-        q, k, v, do, lse, delta, dk, dv, cos_t, sin_t, *shared,
-        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), stride_cs, *scalars,
-        **plan, interpreter_blocks=_INTERPRETER_BLOCKS,
+        q, k, v, do, lse, delta, dk, dv, cos, sin, *shared,
+        *dkdv_strides, stride_cs // table_align, *scalars,
+        **plan, ALIGN=align, TABLE_ALIGN=table_align, interpreter_blocks=_INTERPRETER_BLOCKS,
     )
     _dispatch.launch(
         _attn_bwd_dq_tuned, _attn_bwd_dq_kernel, grid_q,
-        q, k, v, do, lse, delta, dq, cos_t, sin_t, *shared,
-        *strides, dq.stride(0), dq.stride(1), stride_cs, *scalars,
-        **plan, interpreter_blocks=_INTERPRETER_BLOCKS,
+        q, k, v, do, lse, delta, dq, cos, sin, *shared,
+        *dq_strides, stride_cs // table_align, *scalars,
+        **plan, ALIGN=align, TABLE_ALIGN=table_align, interpreter_blocks=_INTERPRETER_BLOCKS,
     )
     return dq, dk, dv
 

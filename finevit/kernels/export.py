@@ -32,12 +32,14 @@ Specializations (AOT has no autotuner and no JIT specialization):
   shared memory and uses the tensor cores (`compile_check.compile_variant` judges it); the rope and work-list
   kernels have one fixed tile. The RoPE tile is the launcher's for 16 heads (any head count works: heads are
   masked).
-- Attention and RoPE come in two variants: "aligned" (every data pointer 16-byte aligned and every stride a
-  multiple of 16 elements, what the JIT would specialize for a dense layout with head dim 64, 80, 96, 128)
-  and "generic" (no divisibility assumed, e.g. head dim 72 views); the C dispatcher picks by the actual
-  pointers and strides. Patch embedding requires 16-byte aligned pointers and gets its alignment from its
-  own ALIGN constexpr (P = 14: 4, P = 16: 16, the values the launcher computes for 3 channels and widths
-  that are multiples of 16); the C function returns FINEVIT_ERROR_UNSUPPORTED when sizes do not allow it.
+- Attention and RoPE come in two variants: "aligned" (every data pointer 16-byte aligned, strides passed in
+  units of 16 bytes: ALIGN = 8 fp16/bf16 elements, and TABLE_ALIGN = 4 for RoPE's float32 cos/sin rows; what the
+  JIT launchers pass for every dense layout of a head dim that is a multiple of 8, 72 included) and "generic"
+  (ALIGN = TABLE_ALIGN = 1, no pointer alignment assumed: views with odd offsets or strides); the C dispatcher
+  picks by the actual pointers and strides and divides the strides by the entry's ALIGN. Patch embedding
+  requires 16-byte aligned pointers and gets its alignment from its own ALIGN constexpr (P = 14: 4, P = 16: 16,
+  the values the launcher computes for 3 channels and widths that are multiples of 16); the C function returns
+  FINEVIT_ERROR_UNSUPPORTED when sizes do not allow it.
 - Integer arguments are int32 and never specialized to constants (the JIT turns a 1 into a constexpr).
 
 Output (`--out`): `finevit_aot_sm<cap>.c` per target (the cubins as string literals), `finevit_aot_table.c`
@@ -89,8 +91,9 @@ PARAMS = {
                                 ("out_features", "i32"), ("in_features", "i32"), ("stride_x_row", "i32"),
                                 ("stride_w", "i32"), ("stride_y_row", "i32"), ("rows_bucket", "i32")),
 }
-# Integer parameters assumed divisible by 16 in the "aligned" variant (with every pointer).
-ALIGNED_INTS = {"_rope_kernel": _STRIDES_ROPE, "_attn_fwd_kernel": _STRIDES_ATTN}
+# The stride units of the "aligned" variants, 16 bytes (kernels/src/finevit_kernels.c assumes them): ALIGN in
+# fp16/bf16 elements, TABLE_ALIGN in float32 elements. Generic variants take both as 1.
+ALIGNED_UNITS = {"ALIGN": 8, "TABLE_ALIGN": 4}
 # Tile constexprs the C runtime needs for the grid, per kernel (at most 3, in this order).
 GRID_TILES = {"_cu_blocks_kernel": ("BLOCK_S",), "_rope_kernel": ("BLOCK_T", "BLOCK_H"),
               "_attn_fwd_kernel": ("BLOCK_M",), "_patch_embed_fwd_kernel": ("BLOCK_M", "BLOCK_N")}
@@ -104,9 +107,9 @@ class Entry:
     target: int  # 80 or 90
     dtype: str  # "fp16", "bf16", or "" (dtype independent)
     dim: int  # head dim (attention, rope), patch size (patch_embed), 0
-    aligned: bool  # pointers 16-byte aligned and ALIGNED_INTS multiples of 16 assumed
+    aligned: bool  # pointers 16-byte aligned (and, for attention and RoPE, strides in ALIGNED_UNITS)
     has_bias: bool  # patch_embed: HAS_BIAS
-    align: int  # patch_embed: ALIGN (1 elsewhere)
+    align: int  # the kernel's ALIGN: the unit of the strides (and of patch_embed's feature counts) it takes
     tiles: tuple[int, ...]  # GRID_TILES values
     num_warps: int
     shared: int  # dynamic shared memory in bytes
@@ -171,7 +174,7 @@ def _jit(kernel):
 
 def _variant(kernel, values: dict, constexprs: dict, config: triton.Config | None, aligned: bool) -> Variant:
     """The AOT specialization of `kernel`: int32 ints never turned into constants; with `aligned`, every
-    pointer and the ALIGNED_INTS of the kernel carry Triton's divisibility-by-16 hint."""
+    pointer carries Triton's divisibility-by-16 hint, else every *ALIGN constexpr is 1."""
     name = kernel.__name__
     expected = PARAMS[name]
     runtime = [(p.name, p) for p in kernel.params if not p.is_constexpr]
@@ -183,6 +186,8 @@ def _variant(kernel, values: dict, constexprs: dict, config: triton.Config | Non
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {
         k: constexprs[k] for k in ("num_warps", "num_stages") if k in constexprs}
     all_constexprs = {**{k: v for k, v in constexprs.items() if k not in ("num_warps", "num_stages")}, **tiles}
+    if not aligned:
+        all_constexprs.update({k: 1 for k in all_constexprs if k.endswith("ALIGN")})
     signature, constants, attrs = {}, {}, {}
     for index, param in enumerate(kernel.params):
         if param.is_constexpr:
@@ -193,7 +198,7 @@ def _variant(kernel, values: dict, constexprs: dict, config: triton.Config | Non
             signature[param.name] = "*" + compile_check._POINTER_TYPES[values[param.name].dtype]
         else:
             signature[param.name] = kind
-        if aligned and (kind == "*" or param.name in ALIGNED_INTS.get(name, ())):
+        if aligned and kind == "*":
             attrs[(index,)] = [["tt.divisibility", 16]]
     label = compile_check._config_label(tiles or {k: v for k, v in all_constexprs.items() if k.startswith("BLOCK")},
                                         options)
@@ -260,6 +265,11 @@ def export_entries(targets=TARGETS, head_dims=HEAD_DIMS, dtypes=tuple(DTYPES), p
             rope_constexprs = {**rope_launch.kwargs, **_module("rope")._block_sizes(16, head_dim, head_dim // 2)}
             attn = _jit(attn_launch.kernel)
             attn_values = dict(zip(attn.arg_names, attn_launch.args))
+            for name, kwargs in (("rope", rope_launch.kwargs), ("attention", attn_launch.kwargs)):
+                units = {k: kwargs[k] for k in ALIGNED_UNITS if k in kwargs}
+                if units != {k: ALIGNED_UNITS[k] for k in units}:
+                    raise RuntimeError(f"the {name} launcher passed {units} for a dense {dtype} d{head_dim} layout; "
+                                       f"the C runtime's aligned variants assume {ALIGNED_UNITS}")
             for target in targets:
                 for aligned in (True, False):
                     variant = _variant(rope, rope_values, rope_constexprs, None, aligned)

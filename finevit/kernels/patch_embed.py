@@ -295,14 +295,6 @@ _INTERPRETER_ROWS_PER_SPLIT = 32  # small, so that the tests' row counts cover s
 _MIN_ROWS_PER_SPLIT, _MAX_SPLITS = 1024, 16
 
 
-def _alignment(*values: int) -> int:
-    """The largest power of two <= 16 dividing every value (0 is divisible by all)."""
-    align = 16
-    while any(v % align for v in values):
-        align //= 2
-    return align
-
-
 def _rows_bucket(rows: int) -> int:
     """Autotune key: batches of different patch counts share a tuning within an octave."""
     return triton.next_power_of_2(max(rows, 1024))
@@ -366,7 +358,7 @@ def patch_embed_fwd(
     if rows == 0 or out_features == 0:
         return y
     bias = bias.contiguous() if bias is not None else None
-    align = _alignment(out_features, in_features, patches.stride(0), stride_w, y.stride(0))
+    align = _dispatch.alignment(out_features, in_features, patches.stride(0), stride_w, y.stride(0))
 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(out_features, meta["BLOCK_N"]),)
@@ -399,7 +391,7 @@ def patch_embed_dweight(
     rows_per_split = max(1, _rows_per_split(rows, out_features, columns, grad.device))
     splits = max(1, triton.cdiv(rows, rows_per_split))  # rows == 0: one split of zeros
     partial = _dispatch.empty((splits, out_features, columns), torch.float32, grad.device)
-    align = _alignment(out_features, in_features, grad.stride(0), patches.stride(0))
+    align = _dispatch.alignment(out_features, in_features, grad.stride(0), patches.stride(0))
 
     def grid(meta):
         return (triton.cdiv(out_features, meta["BLOCK_D"]), triton.cdiv(columns, meta["BLOCK_K"]), splits)
@@ -440,7 +432,7 @@ def normalize_patches(patches: torch.Tensor, norm: torch.Tensor, features_per_ch
     out = _dispatch.empty((rows, out_features), dtype, patches.device)
     if rows == 0 or out_features == 0:
         return out
-    align = _alignment(in_features, out_features, patches.stride(0), out.stride(0))
+    align = _dispatch.alignment(in_features, out_features, patches.stride(0), out.stride(0))
     grid = (triton.cdiv(rows, _NORMALIZE_BLOCKS["BLOCK_R"]), triton.cdiv(out_features, _NORMALIZE_BLOCKS["BLOCK_K"]))
     wrap_triton(_normalize_kernel)[grid](
         patches, norm, out, rows, in_features // align, out_features // align,

@@ -29,7 +29,10 @@ BLOCK_T tokens × BLOCK_H heads, so each cos/sin row is loaded once and reused b
 The kernel is bandwidth-bound (read x once, write the output once, cos/sin amortized over heads), so the
 tile sizes come from a fixed heuristic rather than autotuning: the tile holds ~4K rotated elements, which
 keeps 4 warps busy with vectorized loads while the tile shape depends only on (num_heads, head_dim), never
-on the token count, so ragged batches under torch.compile reuse one compiled kernel.
+on the token count, so ragged batches under torch.compile reuse one compiled kernel. Strides come divided by
+ALIGN (x, out) and TABLE_ALIGN (cos, sin), the largest powers of two up to 16 bytes that divide them
+(`_dispatch.alignment`): at head dim 72 the head stride of 72 elements would otherwise hide every row's
+alignment from Triton and make each element a 2-byte access.
 """
 
 from __future__ import annotations
@@ -92,7 +95,8 @@ def _rope_kernel(
     # sizes
     num_tokens,
     num_heads,
-    # strides, in elements (the channel dim is contiguous everywhere)
+    # strides (the channel dim is contiguous everywhere): x's and out's in units of ALIGN elements, the tables' in
+    # units of TABLE_ALIGN elements, so that Triton knows where rows start (`_dispatch.alignment`)
     stride_x_tok,
     stride_x_head,
     stride_out_tok,
@@ -109,7 +113,12 @@ def _rope_kernel(
     BLOCK_REST: tl.constexpr,  # next power of two >= ROTARY_HALF - BLOCK_PAIRS (0 if none): the other pairs
     BLOCK_PASS: tl.constexpr,  # next power of two >= HEAD_DIM - 2·ROTARY_HALF, 0 when nothing passes through
     CONJUGATE: tl.constexpr,  # rotate by −angle (the backward)
+    ALIGN: tl.constexpr,
+    TABLE_ALIGN: tl.constexpr,
 ):
+    stride_x_tok, stride_x_head = stride_x_tok * ALIGN, stride_x_head * ALIGN
+    stride_out_tok, stride_out_head = stride_out_tok * ALIGN, stride_out_head * ALIGN
+    stride_cos_tok, stride_sin_tok = stride_cos_tok * TABLE_ALIGN, stride_sin_tok * TABLE_ALIGN
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     # int64 token index: tokens × stride_x_tok passes 2^31 for large packed batches of fused qkv views.
@@ -208,15 +217,20 @@ def rope_fwd(
         return out
     blocks = _block_sizes(num_heads, head_dim, rotary_half)
     grid = (triton.cdiv(total_tokens, blocks["BLOCK_T"]), triton.cdiv(num_heads, blocks["BLOCK_H"]))
+    strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
+    align = _dispatch.alignment(*strides, limit=16 // x.element_size())
+    table_strides = (cos.stride(0), sin.stride(0))
+    table_align = _dispatch.alignment(*table_strides, limit=4)  # float32 elements
     wrap_triton(_rope_kernel)[grid](
         x, cos, sin, out,
         total_tokens, num_heads,
-        x.stride(0), x.stride(1),
-        out.stride(0), out.stride(1),
-        cos.stride(0), sin.stride(0),
+        *(s // align for s in strides),
+        *(s // table_align for s in table_strides),
         ROTARY_HALF=rotary_half,
         HEAD_DIM=head_dim,
         CONJUGATE=conjugate,
+        ALIGN=align,
+        TABLE_ALIGN=table_align,
         num_warps=4,
         **blocks,
     )

@@ -20,9 +20,10 @@ typedef struct finevit_aot_entry {
   int sm;                /* target: 80 (runs on 8.x) or 90 (sm_90a: runs on 9.0) */
   int dtype;             /* finevit_dtype, -1 when the kernel has no data dtype */
   int dim;               /* head dim (rope, attention), patch size (patch embedding), 0 */
-  int aligned;           /* compiled assuming 16-byte aligned pointers and strides that are multiples of 16 */
+  int aligned;           /* compiled assuming 16-byte aligned pointers (attention, RoPE: and strides passed in
+                            units of 16 bytes, finevit_kernels.c's ALIGNED_UNIT / ALIGNED_TABLE_UNIT) */
   int has_bias;          /* patch embedding: HAS_BIAS */
-  int align;             /* patch embedding: ALIGN (sizes and strides are passed divided by it); else 1 */
+  int align;             /* the kernel's ALIGN: strides (patch embedding: and sizes) are passed divided by it */
   int tiles[3];          /* tile constexprs the grid needs: cu_blocks {BLOCK_S}, rope {BLOCK_T, BLOCK_H},
                             attention {BLOCK_M}, patch embedding {BLOCK_M, BLOCK_N} */
   int num_warps;

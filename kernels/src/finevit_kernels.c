@@ -106,8 +106,14 @@ static finevit_status check_view(const char *name, finevit_view view) {
 
 static int aligned16(const void *pointer) { return ((uintptr_t)pointer) % 16 == 0; }
 
+/* Aligned attention and RoPE entries take their strides in units of 16 bytes (export.ALIGNED_UNITS): the entry's
+ * align (ALIGN = 8 fp16/bf16 elements) for q, k, v, x and out, ALIGNED_TABLE_UNIT floats for RoPE's cos/sin rows;
+ * generic entries take them in elements (align 1). */
+#define ALIGNED_UNIT 8
+#define ALIGNED_TABLE_UNIT 4
+
 static int view_aligned(finevit_view view) {
-  return aligned16(view.data) && view.stride_token % 16 == 0 && view.stride_head % 16 == 0;
+  return aligned16(view.data) && view.stride_token % ALIGNED_UNIT == 0 && view.stride_head % ALIGNED_UNIT == 0;
 }
 
 static size_t round_up(size_t bytes) { return (bytes + WORKSPACE_ALIGN - 1) / WORKSPACE_ALIGN * WORKSPACE_ALIGN; }
@@ -289,7 +295,8 @@ static finevit_status launch_rope(const device_state *state, finevit_view x, fin
                                   const float *sin, int64_t total_tokens, int num_heads, int head_dim,
                                   finevit_dtype dtype, CUstream stream) {
   int half = head_dim / 2;
-  int aligned = view_aligned(x) && view_aligned(out) && aligned16(cos) && aligned16(sin) && half % 16 == 0;
+  int aligned = view_aligned(x) && view_aligned(out) && aligned16(cos) && aligned16(sin) &&
+                half % ALIGNED_TABLE_UNIT == 0;
   int index = find_entry(FINEVIT_AOT_ROPE, state->target, dtype, head_dim, aligned, 0);
   if (index < 0)
     return fail(FINEVIT_ERROR_UNSUPPORTED, "no RoPE kernel exported for head_dim %d, %s, sm_%d (see "
@@ -297,8 +304,10 @@ static finevit_status launch_rope(const device_state *state, finevit_view x, fin
   const finevit_aot_entry *e = &finevit_aot_entries[index];
   CUdeviceptr px = (CUdeviceptr)x.data, pcos = (CUdeviceptr)cos, psin = (CUdeviceptr)sin, pout = (CUdeviceptr)out.data;
   int32_t tokens = (int32_t)total_tokens, heads = num_heads;
-  int32_t sx_tok = (int32_t)x.stride_token, sx_head = (int32_t)x.stride_head;
-  int32_t so_tok = (int32_t)out.stride_token, so_head = (int32_t)out.stride_head, s_cs = half;
+  int64_t unit = e->align, table_unit = e->aligned ? ALIGNED_TABLE_UNIT : 1;
+  int32_t sx_tok = (int32_t)(x.stride_token / unit), sx_head = (int32_t)(x.stride_head / unit);
+  int32_t so_tok = (int32_t)(out.stride_token / unit), so_head = (int32_t)(out.stride_head / unit);
+  int32_t s_cs = (int32_t)(half / table_unit);
   void *params[] = {&px, &pcos, &psin, &pout, &tokens, &heads, &sx_tok, &sx_head, &so_tok, &so_head, &s_cs, &s_cs};
   return launch(state, index, cdiv(total_tokens, e->tiles[0]), cdiv(num_heads, e->tiles[1]), params,
                 (int)(sizeof params / sizeof params[0]), stream);
@@ -411,9 +420,11 @@ finevit_status finevit_varlen_attention(finevit_view q, finevit_view k, finevit_
   CUdeviceptr pq = (CUdeviceptr)q.data, pk = (CUdeviceptr)k.data, pv = (CUdeviceptr)v.data;
   CUdeviceptr po = (CUdeviceptr)out.data;
   int32_t tokens = (int32_t)total_tokens, dim = head_dim, bucket = 0; /* bucket: an autotune key, unused */
-  int32_t strides[8] = {(int32_t)q.stride_token, (int32_t)q.stride_head, (int32_t)k.stride_token,
-                        (int32_t)k.stride_head, (int32_t)v.stride_token, (int32_t)v.stride_head,
-                        (int32_t)out.stride_token, (int32_t)out.stride_head};
+  int64_t unit = e->align;
+  int32_t strides[8] = {(int32_t)(q.stride_token / unit), (int32_t)(q.stride_head / unit),
+                        (int32_t)(k.stride_token / unit), (int32_t)(k.stride_head / unit),
+                        (int32_t)(v.stride_token / unit), (int32_t)(v.stride_head / unit),
+                        (int32_t)(out.stride_token / unit), (int32_t)(out.stride_head / unit)};
   float scale = softmax_scale > 0.0f ? softmax_scale : 1.0f / sqrtf((float)head_dim);
   float qk_scale = scale * 1.4426950408889634f; /* log2(e): the kernel works in the exp2 domain */
   void *params[] = {&pq, &pk, &pv, &po, &lse, &cu, &blocks, &seqs, &tokens,

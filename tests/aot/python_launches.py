@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from finevit.kernels import compile_check
+from finevit.kernels import compile_check, export
 
 QKV, OUT, CU, COS, SIN = 0x10000000, 0x20000000, 0x30000000, 0x40000000, 0x50000000
 WEIGHT, BIAS, NORM = 0x70000000, 0x80000000, 0x90000000
@@ -36,10 +36,18 @@ def _entry(manifest, kernel, target, dtype, dim, aligned, has_bias=False):
 
 def _describe(launch, entry, grid, address):
     kernel = launch.kernel.fn if hasattr(launch.kernel, "configs") else launch.kernel
+    # Strides as the C runtime passes them: in its entry's units (export.ALIGNED_UNITS when aligned, else 1), where
+    # the launcher passes them in the units its own layout allows.
+    rescale = {"ALIGN": launch.kwargs.get("ALIGN", 1) / entry["align"]}
+    if "TABLE_ALIGN" in launch.kwargs:
+        entry_unit = export.ALIGNED_UNITS["TABLE_ALIGN"] if entry["aligned"] else 1
+        rescale["TABLE_ALIGN"] = launch.kwargs["TABLE_ALIGN"] / entry_unit
     params = {}
     for name, value in zip(kernel.arg_names, launch.args):
         if name in SKIP:
             continue
+        if name.startswith("stride_"):
+            value = int(value * rescale["TABLE_ALIGN" if name in ("stride_cos_tok", "stride_sin_tok") else "ALIGN"])
         params[name] = address(name, value) if isinstance(value, torch.Tensor) else value
     grid = tuple(grid) + (1,) * (3 - len(grid))
     return {"name": kernel.__name__, "cubin_bytes": entry["bytes"], "block": 32 * entry["num_warps"],
@@ -70,13 +78,15 @@ def attention(manifest, target, dtype_code, tokens, heads, dim, num_seqs, rope, 
             return QKV + tensor.data_ptr() - rows.data_ptr()
         return {"O": OUT, "CU_SEQLENS": CU, "COS": COS, "SIN": SIN}.get(name, "workspace")
 
-    # The aligned variants need strides that are multiples of 16 (and 16-byte aligned addresses, as here). With
-    # RoPE, q~ and k~ are dense in the workspace, so the attention's alignment is decided by v and out alone.
-    aligned = pad == 0 and (3 * heads * dim) % 16 == 0 and dim % 16 == 0
+    # The aligned variants need strides that are multiples of 8 elements (and 16-byte aligned addresses, as here).
+    # With RoPE, q~ and k~ are dense in the workspace, so the attention's alignment is decided by v and out alone.
+    unit = export.ALIGNED_UNITS["ALIGN"]
+    aligned = rows.stride(0) % unit == 0 and dim % unit == 0
     blocks = _entry(manifest, "_cu_blocks_kernel", target, "", 0, False)
     expected = [_describe(recorded[2 if rope else 0], blocks, (4,), address)]
     if rope:
-        entry = _entry(manifest, "_rope_kernel", target, dtype_name, dim, aligned and (dim // 2) % 16 == 0)
+        entry = _entry(manifest, "_rope_kernel", target, dtype_name, dim,
+                       aligned and (dim // 2) % export.ALIGNED_UNITS["TABLE_ALIGN"] == 0)
         for i, launch in enumerate(recorded[:2]):
             expected.append(_describe(launch, entry, _rope_grid(entry, tokens, heads), address))
             expected[-1]["params"]["OUT"] = "workspace"
@@ -92,7 +102,8 @@ def rope(manifest, target, dtype_code, tokens, heads, dim):
     x = torch.empty(tokens, heads, dim, dtype=dtype)
     cos, sin = (torch.empty(tokens, dim // 2) for _ in range(2))
     (launch,) = _record("rope", lambda: compile_check._module("rope").apply_rope(x, cos, sin))
-    entry = _entry(manifest, "_rope_kernel", target, dtype_name, dim, (heads * dim) % 16 == 0 and dim % 32 == 0)
+    unit, table_unit = export.ALIGNED_UNITS["ALIGN"], export.ALIGNED_UNITS["TABLE_ALIGN"]
+    entry = _entry(manifest, "_rope_kernel", target, dtype_name, dim, dim % unit == 0 and (dim // 2) % table_unit == 0)
     addresses = {"X": QKV, "OUT": OUT, "COS": COS, "SIN": SIN}
     return [_describe(launch, entry, _rope_grid(entry, tokens, heads), lambda name, t: addresses[name])]
 

@@ -165,7 +165,7 @@ def c_launches(build_dir, log, sm, *arguments) -> list[dict]:
 
 
 ATTENTION_CASES = [(sm, ("attention", 0, 403, 3, 64, 4, rope, pad))  # 403 tokens in 4 sequences, 3 heads of 64
-                   for sm in (90, 86) for rope in (0, 1) for pad in (0, 8)]  # pad 8: generic variants
+                   for sm in (90, 86) for rope in (0, 1) for pad in (0, 8, 4)]  # pad 4: generic variants
 OTHER_CASES = [(90, ("rope", 0, 1000, 5, 64)), (90, ("patch_embed", 0, 1000, 3, 16, 256, 1)),
                (80, ("patch_embed", 0, 77, 3, 16, 512, 0))]
 

@@ -30,6 +30,11 @@ def make_inputs(lengths, heads, head_dim, rotary_dim, dtype, layout="contiguous"
         low = list(fused.unbind(1))  # non-contiguous views with strides (3·H·D, D, 1)
         for x in low:
             x.retain_grad()
+    elif layout == "odd_strides":  # rows 3 elements longer than H·D: token strides odd, so the kernels get ALIGN 1
+        low = []
+        for _ in range(3):
+            rows = torch.randn(total, heads * head_dim + 3, dtype=torch.float64).to(dtype).to(DEVICE)
+            low.append(rows[:, :heads * head_dim].view(total, heads, head_dim).requires_grad_())
     else:
         low = [torch.randn(total, heads, head_dim, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
                for _ in range(3)]
@@ -102,6 +107,26 @@ def test_attention_with_a_custom_softmax_scale_and_three_heads():
 
 def test_attention_on_strided_views_of_a_fused_qkv_projection():
     check_against_reference([5, 19], 2, 72, 72, torch.float16, layout="qkv_view")
+
+
+def test_attention_on_views_with_odd_token_strides():
+    check_against_reference([5, 19], 2, 88, 88, torch.float16, layout="odd_strides")
+
+
+def test_attention_takes_cos_and_sin_with_different_row_strides():
+    low, masters, _, cu, cos, sin = make_inputs([6, 11], 2, 72, 72, torch.float32)
+    # cos a view with row stride 2·36 + 4, sin contiguous (36): the kernels take one table stride.
+    table = torch.zeros(cos.shape[0], 2 * cos.shape[1] + 4, device=cos.device)
+    table[:, :cos.shape[1]] = cos
+    cos_view = table[:, :cos.shape[1]]
+    out = attention.varlen_attention(*low, cu, 11, cos=cos_view, sin=sin)
+    ref = reference.varlen_attention(*masters, cu, 11, cos=cos, sin=sin)
+    grad = torch.randn_like(ref)
+    out.backward(grad.float())
+    ref.backward(grad)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=0, atol=1e-5)
+    for x, x64 in zip(low, masters):
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=1e-5)
 
 
 def test_attention_backward_takes_an_expanded_stride0_gradient():

@@ -96,3 +96,12 @@ def test_every_public_op_with_a_kernel_is_covered_here():
     with_reference = {name for name in K.__all__
                       if getattr(getattr(reference, name, None), "__module__", None) == reference.__name__}
     assert set(OPS) == with_reference - {"rope_2d_cos_sin", "rope_1d_cos_sin"}  # tables: plain torch, no kernel
+
+
+def test_alignment_is_the_largest_power_of_two_up_to_the_limit_dividing_every_value():
+    assert _dispatch.alignment(588, 768, 588) == 4
+    assert _dispatch.alignment(768, 1152) == 16
+    assert _dispatch.alignment(72, 0) == 8
+    assert _dispatch.alignment(675, 768) == 1
+    assert _dispatch.alignment(72 * 12, 72, limit=8) == 8  # a bf16 (T, 12, 72) layout: 16-byte rows
+    assert _dispatch.alignment(36, 36, limit=4) == 4  # float32 cos/sin rows of r/2 = 36

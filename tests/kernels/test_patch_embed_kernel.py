@@ -228,13 +228,6 @@ def test_patch_embed_ops_have_fake_implementations_for_torch_compile():
     assert dx.shape == (37, 588)
 
 
-def test_alignment_hint_is_the_largest_power_of_two_up_to_16_dividing_every_value():
-    assert pe._alignment(588, 768, 588) == 4
-    assert pe._alignment(768, 1152) == 16
-    assert pe._alignment(72, 0) == 8
-    assert pe._alignment(675, 768) == 1
-
-
 def test_float64_weights_run_the_reference():
     patches = torch.randint(0, 256, (5, 48), dtype=torch.uint8, device=DEVICE)
     weight = torch.randn(8, 48, dtype=torch.float64, device=DEVICE)
