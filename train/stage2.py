@@ -56,7 +56,14 @@ from finevit.data.conversations import TASKS, SequenceBuilder, build_batch, prep
 from finevit.data.text import save_tokenizer  # noqa: E402
 from finevit.model import FineCLIP, FineViT  # noqa: E402
 from finevit.model.pretrained import CONFIG_NAME  # noqa: E402
-from finevit.model.vlm import IGNORE_INDEX, VisionLanguageModel, build_llm, load_llm, merged_token_counts  # noqa: E402
+from finevit.model.vlm import (  # noqa: E402
+    IGNORE_INDEX,
+    VisionLanguageModel,
+    build_llm,
+    forward_plan,
+    load_llm,
+    merged_token_counts,
+)
 from train.checkpoint import ModelState, OptimizerState  # noqa: E402
 from train.common import (  # noqa: E402
     DataStream,
@@ -141,10 +148,9 @@ def load_encoder(cfg: Stage2Config, seed: int) -> tuple[FineViT, Path | None]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def supervised_tasks(batch: dict) -> torch.Tensor:
-    """The task index of every supervised position, in VisionLanguageModel.forward's order."""
-    targets = batch["labels"][:, 1:]
-    return batch["label_task"][:, 1:][targets != IGNORE_INDEX]
+def supervised_tasks(sequences: dict) -> torch.Tensor:
+    """The task index of every supervised position, in VisionLanguageModel.forward's order (ForwardPlan)."""
+    return sequences["label_task"][:, 1:][sequences["labels"][:, 1:] != IGNORE_INDEX]
 
 
 def forward_backward(model, batches: list[dict], group) -> dict:
@@ -160,9 +166,10 @@ def forward_backward(model, batches: list[dict], group) -> dict:
     task_tokens = torch.zeros(len(TASKS), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         model.set_requires_gradient_sync(i == len(batches) - 1)  # one reduce-scatter per step
-        losses = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        losses = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                       plan=batch["plan"])
         (losses.sum() * (world_size / total).float()).backward()
-        tasks = supervised_tasks(batch)
+        tasks = batch["tasks"]
         task_loss.index_add_(0, tasks, losses.detach().double())
         task_tokens.index_add_(0, tasks, torch.ones_like(tasks, dtype=torch.float64))
     return {"task_loss": task_loss, "task_tokens": task_tokens, "total_tokens": total}
@@ -309,13 +316,18 @@ class Trainer(TrainerBase):
             counts = merged_token_counts(batch["image"]["grid_hw"], self.cfg.data.merge_size).tolist()
             sequences = build_batch(self.builder, counts, batch["captions"], batch["regions"], self.cfg.tasks.mix(),
                                     self.cfg.tasks.turns, rng)
+            # Everything the forward needs to know about values, from the host copies (ForwardPlan), so that
+            # the step is queued without reading anything back from the device.
+            plan = forward_plan(batch["image"], sequences["input_ids"], sequences["labels"],
+                                self.builder.image_token_id, self.cfg.data.merge_size)
             image = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                      for k, v in batch["image"].items()}
             # What the meter counts, from the host copies (never read back from the device).
             meter = {"image_lengths": sequence_lengths(batch["image"]["cu_seqlens"]),
                      "llm_lengths": sequences["attention_mask"].sum(1),
                      "supervised": int((sequences["labels"][:, 1:] != IGNORE_INDEX).sum())}
-            batches.append({"image": image, "meter": meter,
+            batches.append({"image": image, "meter": meter, "plan": plan.to(self.device, non_blocking=True),
+                            "tasks": supervised_tasks(sequences).to(self.device, non_blocking=True),
                             **{k: v.to(self.device, non_blocking=True) for k, v in sequences.items()}})
         self.meter.data_seconds += time.perf_counter() - started
         return batches

@@ -14,12 +14,17 @@ so any packed order works, raster order included, and an odd height or width is 
 
 `VisionLanguageModel.forward` returns the per-token cross-entropy of every supervised position (labels not
 -100, shifted by one), computed inside the module so that under FSDP2 the LM head's gathered weights are live.
-No torch.distributed here (docs/design.md).
+What it needs from the inputs' values rather than their shapes (where each patch goes in the merger, which
+positions hold placeholders and which are supervised) is a `ForwardPlan`: built from the data loader's CPU
+tensors and moved to the device with the batch, it lets the forward run without reading anything back from the
+device (stage 2's trainer passes one; without it the forward builds it from device tensors, which waits for the
+device several times per call). No torch.distributed here (docs/design.md).
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +70,46 @@ def merge_index(positions: torch.Tensor, cu_seqlens: torch.Tensor, grid_hw: torc
     return slot, int(counts.sum())
 
 
+def placeholder_index(input_ids: torch.Tensor, image_token_id: int, image_tokens: int) -> torch.Tensor:
+    """Flat indices into input_ids (B, L) of its `image_token_id` placeholders, in reading order.
+
+    Raises ValueError when there are not `image_tokens` of them (the usual cause: a prompt built for another
+    resize or merge size)."""
+    index = torch.nonzero((input_ids == image_token_id).flatten()).squeeze(1)
+    if index.numel() != image_tokens:
+        raise ValueError(f"input_ids hold {index.numel()} image placeholder tokens (id {image_token_id}) but the "
+                         f"images give {image_tokens} image tokens; build each prompt with "
+                         f"merged_token_counts(grid_hw) placeholders per image")
+    return index
+
+
+@dataclass
+class ForwardPlan:
+    """The index tensors of one `VisionLanguageModel.forward` call (module doc), from `forward_plan`."""
+
+    merge_slots: torch.Tensor  # (N,) int64: each patch's slot in the merged layout (`merge_index`)
+    merged_tokens: int  # M, the image tokens the merger makes
+    placeholders: torch.Tensor  # (M,) int64: flat (B · L) indices of the image placeholders, reading order
+    supervised: torch.Tensor  # (S,) int64: flat (B · L) indices t of the positions whose logits predict labels[t + 1]
+    targets: torch.Tensor  # (S,) int64: those labels
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> ForwardPlan:
+        return ForwardPlan(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                              if torch.is_tensor(getattr(self, f.name)) else getattr(self, f.name)
+                              for f in fields(self)})
+
+
+def forward_plan(image: dict, input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int,
+                 merge_size: int = 2) -> ForwardPlan:
+    """The `ForwardPlan` of a batch, computed on its tensors' device (build it from CPU tensors; module doc).
+    Raises ValueError when the prompts' placeholders do not match the images' merged token counts."""
+    slots, tokens = merge_index(image["positions"], image["cu_seqlens"], image["grid_hw"], merge_size)
+    rows, cols = torch.nonzero(labels[:, 1:] != IGNORE_INDEX).unbind(1)
+    return ForwardPlan(merge_slots=slots, merged_tokens=tokens,
+                       placeholders=placeholder_index(input_ids, image_token_id, tokens),
+                       supervised=rows * labels.shape[1] + cols, targets=labels[rows, cols + 1])
+
+
 class PatchMerger(nn.Module):
     """LayerNorm each patch, gather m × m neighbours by position (zero where an odd grid has none), MLP to the
     LLM's width."""
@@ -78,9 +123,8 @@ class PatchMerger(nn.Module):
         self.fc1 = nn.Linear(group, hidden or group)
         self.fc2 = nn.Linear(hidden or group, llm_width)
 
-    def forward(self, features: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
-                grid_hw: torch.Tensor) -> torch.Tensor:
-        slots, tokens = merge_index(positions, cu_seqlens, grid_hw, self.merge_size)
+    def forward(self, features: torch.Tensor, slots: torch.Tensor, tokens: int) -> torch.Tensor:
+        """features (N, D_vision) -> (tokens, D_llm); slots, tokens: `merge_index` of the patches' positions."""
         x = self.norm(features)
         grouped = x.new_zeros(tokens * self.merge_size ** 2, x.shape[-1]).index_copy(0, slots, x)
         grouped = grouped.view(tokens, -1)
@@ -93,19 +137,12 @@ class PatchMerger(nn.Module):
             nn.init.zeros_(fc.bias)
 
 
-def insert_image_embeddings(text_embeds: torch.Tensor, input_ids: torch.Tensor, image_embeds: torch.Tensor,
-                            image_token_id: int) -> torch.Tensor:
-    """Write `image_embeds` (M, D) at the M placeholder positions of `input_ids` (B, L), in reading order.
-
-    Raises ValueError when the placeholders and the image tokens differ in number (the usual cause: a prompt
-    built for another resize or merge size)."""
-    mask = input_ids == image_token_id
-    placeholders = int(mask.sum())
-    if placeholders != image_embeds.shape[0]:
-        raise ValueError(f"insert_image_embeddings: input_ids hold {placeholders} image placeholder tokens "
-                         f"(id {image_token_id}) but the images give {image_embeds.shape[0]} image tokens; build "
-                         f"each prompt with merged_token_counts(grid_hw) placeholders per image")
-    return text_embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.to(text_embeds.dtype))
+def insert_image_embeddings(text_embeds: torch.Tensor, image_embeds: torch.Tensor,
+                            placeholders: torch.Tensor) -> torch.Tensor:
+    """text_embeds (B, L, D) with row j of `image_embeds` (M, D) written at flat position placeholders[j]
+    (`placeholder_index`); differentiable w.r.t. both."""
+    flat = text_embeds.flatten(0, 1).index_copy(0, placeholders, image_embeds.to(text_embeds.dtype))
+    return flat.view_as(text_embeds)
 
 
 class VisionLanguageModel(nn.Module):
@@ -124,26 +161,36 @@ class VisionLanguageModel(nn.Module):
     def merge_size(self) -> int:
         return self.merger.merge_size
 
-    def image_embeddings(self, image: dict) -> torch.Tensor:
-        """Packed image batch (docs/design.md) -> merged image tokens (M, D_llm), image by image."""
+    def image_embeddings(self, image: dict, merge: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+        """Packed image batch (docs/design.md) -> merged image tokens (M, D_llm), image by image; `merge`:
+        the patches' (slots, M) from `merge_index`, computed here when not given."""
         features = self.vision.forward_features(image["patches"], image["positions"], image["cu_seqlens"],
                                                 image["max_seqlen"])
-        return self.merger(features, image["positions"], image["cu_seqlens"], image["grid_hw"])
+        if merge is None:
+            merge = merge_index(image["positions"], image["cu_seqlens"], image["grid_hw"], self.merge_size)
+        return self.merger(features, *merge)
 
-    def input_embeddings(self, image_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        text = self.llm.get_input_embeddings()(input_ids)
-        return insert_image_embeddings(text, input_ids, image_embeds, self.image_token_id)
+    def input_embeddings(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                         placeholders: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings of input_ids with the image tokens at its placeholders (`placeholder_index`,
+        computed here when not given)."""
+        if placeholders is None:
+            placeholders = placeholder_index(input_ids, self.image_token_id, image_embeds.shape[0])
+        return insert_image_embeddings(self.llm.get_input_embeddings()(input_ids), image_embeds, placeholders)
 
-    def forward(self, image: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                plan: ForwardPlan | None = None) -> torch.Tensor:
         """Per-token cross-entropy (float32) of the supervised positions: logits at t predict labels[t + 1],
-        in reading order of the positions where labels[:, 1:] != -100."""
-        embeds = self.input_embeddings(self.image_embeddings(image), input_ids)
+        in reading order of the positions where labels[:, 1:] != -100. `plan`: the batch's `forward_plan` on
+        the device; given, nothing is read back from the device (module doc)."""
+        if plan is None:
+            plan = forward_plan(image, input_ids, labels, self.image_token_id, self.merge_size)
+        image_embeds = self.image_embeddings(image, (plan.merge_slots, plan.merged_tokens))
+        embeds = self.input_embeddings(image_embeds, input_ids, plan.placeholders)
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        targets = labels[:, 1:]
-        supervised = targets != IGNORE_INDEX
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][supervised])  # only where a loss is taken
-        return F.cross_entropy(logits.float(), targets[supervised], reduction="none")
+        # Logits only where a loss is taken.
+        logits = self.llm.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, plan.supervised))
+        return F.cross_entropy(logits.float(), plan.targets, reduction="none")
 
     @torch.no_grad()
     def generate(self, image_embeds: torch.Tensor, prompts: list[torch.Tensor], max_new_tokens: int,

@@ -1,6 +1,9 @@
 """Stage 2's model pieces: the position-based patch merger (odd grids, any packed order), placeholder insertion
 and its count check, the loss against transformers' own, and cached greedy decoding against a plain loop."""
 
+from types import SimpleNamespace
+from unittest import mock
+
 import pytest
 import torch
 
@@ -10,9 +13,11 @@ from finevit.model.vlm import (
     PatchMerger,
     VisionLanguageModel,
     build_llm,
+    forward_plan,
     insert_image_embeddings,
     merge_index,
     merged_token_counts,
+    placeholder_index,
 )
 
 GRIDS = [(3, 5), (2, 2), (1, 1), (4, 3)]  # odd heights and widths, a single patch
@@ -58,7 +63,7 @@ def test_merger_matches_the_float64_reference_in_any_packed_order(shuffle):
     features = torch.randn(positions.shape[0], 8, dtype=torch.float64)
     merger = PatchMerger(8, 12).double()
     merger.init_weights()
-    out = merger(features, positions, cu, grid)
+    out = merger(features, *merge_index(positions, cu, grid))
     normed = torch.nn.functional.layer_norm(features, (8,), merger.norm.weight, merger.norm.bias, merger.norm.eps)
     grouped = reference_merge(normed, positions, cu, GRIDS)
     expected = merger.fc2(torch.nn.functional.gelu(merger.fc1(grouped)))
@@ -75,13 +80,13 @@ def test_placeholders_are_filled_in_reading_order_and_a_count_mismatch_is_an_err
     embeds = torch.zeros(2, 5, 3)
     ids = torch.tensor([[1, 9, 9, 2, 0], [9, 3, 9, 9, 0]])
     image = torch.arange(15, dtype=torch.float32).view(5, 3) + 100
-    out = insert_image_embeddings(embeds, ids, image, image_token_id=9)
+    out = insert_image_embeddings(embeds, image, placeholder_index(ids, 9, 5))
     rows = [(0, 1), (0, 2), (1, 0), (1, 2), (1, 3)]
     for k, (b, t) in enumerate(rows):
         assert torch.equal(out[b, t], image[k])
     assert torch.equal(out[ids != 9], torch.zeros(5, 3))
     with pytest.raises(ValueError, match="5 image placeholder tokens .* 4 image tokens"):
-        insert_image_embeddings(embeds, ids, image[:4], image_token_id=9)
+        placeholder_index(ids, 9, 4)
 
 
 def tiny_vlm(vocab=64, image_token=60):
@@ -103,8 +108,7 @@ def image_batch(grids, patch=4):
             "grid_hw": grid}
 
 
-def test_loss_matches_transformers_own_shifted_loss():
-    model = tiny_vlm()
+def loss_batch():
     grids = [(3, 3), (2, 4)]  # 4 and 2 image tokens
     image = image_batch(grids)
     counts = merged_token_counts(image["grid_hw"]).tolist()
@@ -114,11 +118,56 @@ def test_loss_matches_transformers_own_shifted_loss():
     labels = torch.full_like(ids, -100)
     labels[0, 7:10] = ids[0, 7:10]  # the answer "8 9 <eos>"
     labels[1, 4:6] = ids[1, 4:6]  # "11 <eos>"
+    return image, ids, mask, labels
+
+
+def test_loss_matches_transformers_own_shifted_loss():
+    model = tiny_vlm()
+    image, ids, mask, labels = loss_batch()
     losses = model(image, ids, mask, labels)
     assert losses.shape == (5,)
     embeds = model.input_embeddings(model.image_embeddings(image), ids)
     expected = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(losses.mean(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_plan_gives_the_same_losses_and_the_forward_then_computes_no_index(monkeypatch):
+    """With a plan (stage 2 builds it from the loader's CPU tensors), the forward reads no value of its inputs:
+    the functions that would (merge_index, placeholder_index, nonzero) are never called."""
+    model = tiny_vlm()
+    image, ids, mask, labels = loss_batch()
+    plan = forward_plan(image, ids, labels, image_token_id=60)
+    assert plan.merged_tokens == 6 and plan.supervised.tolist() == [6, 7, 8, 10 + 3, 10 + 4]
+    expected = model(image, ids, mask, labels)
+
+    def fails(*args, **kwargs):
+        raise AssertionError("the forward computed an index that the plan holds")
+
+    for name in ("merge_index", "placeholder_index"):
+        monkeypatch.setattr(f"finevit.model.vlm.{name}", fails)
+    monkeypatch.setattr(torch, "nonzero", fails)
+    torch.testing.assert_close(model(image, ids, mask, labels, plan=plan), expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_forward_with_a_plan_never_waits_for_the_device():
+    model = tiny_vlm().cuda()
+    image, ids, mask, labels = loss_batch()
+    plan = forward_plan(image, ids, labels, image_token_id=60).to("cuda")
+    image = {k: v.cuda() if torch.is_tensor(v) else v for k, v in image.items()}
+    ids, mask, labels = ids.cuda(), mask.cuda(), labels.cuda()
+    model(image, ids, mask, labels, plan=plan)  # warm-up: lazy initialization may sync
+    torch.cuda.synchronize()
+    # Only our part is checked: transformers' decoder reads its attention mask, so its output is made outside.
+    decoder = model.llm.get_decoder()
+    outputs = SimpleNamespace(last_hidden_state=decoder(inputs_embeds=model.llm.get_input_embeddings()(ids),
+                                                        attention_mask=mask).last_hidden_state)
+    with mock.patch.object(model.llm, "get_decoder", return_value=lambda **kwargs: outputs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(image, ids, mask, labels, plan=plan)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_cached_left_padded_greedy_decoding_matches_a_plain_loop():
