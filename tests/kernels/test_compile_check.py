@@ -156,6 +156,34 @@ def test_a_config_too_large_for_shared_memory_fails_the_check(tmp_path):
     assert "no config compiles and fits in shared memory" in done.stderr
 
 
+SASS_LOADS = """
+import json, re, sys, torch
+from finevit.kernels import compile_check as cc
+loads = {}
+for launch in cc.record(cc.attention_case(torch.bfloat16, int(sys.argv[1]))):
+    variant = cc.variants(launch)[0]
+    _, sass = cc._read_cubin(cc.compile_kernel(variant, 90).asm["cubin"])
+    loads[variant.name] = {"cp.async": len(re.findall(r"\\bLDGSTS", sass)),
+                           "2-byte": len(re.findall(r"\\bLDG\\.E\\.U16", sass))}
+print(json.dumps(loads))
+"""
+
+
+@pytest.mark.parametrize("head_dim", [72, 88])
+def test_head_dims_72_and_88_load_q_k_v_as_vectors_through_cp_async(head_dim):
+    """At head dims 72 (SigLIP so400m) and 88 the attention kernels load 16-byte vectors into cp.async rings, as
+    at 64 or 128: their strides reach Triton in 16-byte units (ALIGN) and the partial channel chunk keeps
+    contiguous addresses. Before, every q/k/v element there was a synchronous 2-byte load (bench/NOTES.md)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", SASS_LOADS, str(head_dim)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loads = json.loads(done.stdout)
+    for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        assert loads[kernel]["cp.async"] > 0 and loads[kernel]["2-byte"] == 0, (kernel, loads[kernel])
+
+
 @pytest.mark.gpu
 def test_registers_and_local_memory_read_from_the_cubin_match_the_driver():
     """On a GPU, the driver's view of each attention kernel (registers; local memory, which Triton reports as
