@@ -626,9 +626,11 @@ def _cu_blocks(cu_seqlens: torch.Tensor) -> torch.Tensor:
 # tiles owning 32 rows (wgmma needs 64 rows per warpgroup: on H100 they ran on mma.sync). Then timed on an
 # H100 (bench/NOTES.md, 2026-11-26): in the backward, 128x32 and 64x64 tiles with 4 warps and 3 stages beat
 # every 8-warp tile (dK/dV 0.55 vs 0.73 ms, d64 with 1024-patch images), so they lead the lists. Tiles that
-# still spill somewhere are listed, with the reason, in compile_check.ALLOWED.
+# still spill somewhere are listed, with the reason, in compile_check.ALLOWED. The last dK/dV tile, 64x16 with 4
+# warps, is the one spill-free at every head dim and rotary layout on sm_80 (mma.sync keeps operand fragments
+# in registers: on A100 every larger tile spills somewhere with RoPE), and on sm_90, under triton 3.6 and 3.8.
 _FWD_SHAPES = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
-_DKDV_SHAPES = [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2)]
+_DKDV_SHAPES = [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2), (64, 16, 4, 2)]
 _DQ_SHAPES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2)]
 # FINEVIT_ATTENTION_TUNING=wide adds candidates outside these lists (larger tiles that spill a little,
 # other pipeline depths): a tuning sweep for GPU runs (bench/gpu_check.sh), read at import.

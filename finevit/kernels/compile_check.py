@@ -126,13 +126,6 @@ ALLOWED: tuple[Allowance, ...] = (
                "list, which fit (checked).",
     ),
     Allowance(
-        ("spill",), r"^_attn_bwd_(dkdv|dq)_kernel$", "",
-        case=r"^(fp16|bf16) d(64 rope64|72 rope72|88 rope88|96 rope96|128 rope64)$", targets=(80,),
-        reason="A100 backward with RoPE at these head dims: mma.sync keeps operand fragments in registers, and "
-               "every tile of the lists, tuned on sm_90 (which has a spill-free one), spills 8-256 B per thread on "
-               "sm_80. A tile for A100 needs an A100 to measure.",
-    ),
-    Allowance(
         ("spill", "shared-memory"), _ATTENTION, "", case=r" d256\b",
         reason="head dim 256 (two 128-wide chunks): no tile of the lists keeps q, k and the 256-wide fp32 "
                "accumulators in 255 registers with RoPE, and the larger tiles need more shared memory than the "
@@ -159,13 +152,6 @@ ALLOWED: tuple[Allowance, ...] = (
         reason="triton 3.6 on sm_90 only: the 256-row weight-gradient tile spills (656 B per thread, bf16 P14; "
                "0 B with triton 3.7-3.9, where it was tuned); its autotuner times it against the spill-free tiles "
                "of the same list (checked).",
-    ),
-    Allowance(
-        ("spill",), r"^_attn_bwd_dkdv_kernel$", "", case=r"^(fp16|bf16) d(72|80|96)$", targets=(80,),
-        triton=r"^3\.6\.",
-        reason="triton 3.6 on A100, dK/dV without RoPE at head dims 72-96 (two channel chunks): every tile of the "
-               "list spills 8-616 B per thread (the 64x32 8-warp tile 8 B; triton 3.7-3.9 keep a spill-free one). "
-               "As for the RoPE cases above, an A100 tile needs an A100 to measure.",
     ),
     Allowance(
         ("spill",), r"^_matmul_kernel$", "", targets=(80,), triton=r"^3\.6\.", fallback=True,
