@@ -627,8 +627,9 @@ def _cu_blocks(cu_seqlens: torch.Tensor) -> torch.Tensor:
 # H100 (bench/NOTES.md, 2026-11-26): in the backward, 128x32 and 64x64 tiles with 4 warps and 3 stages beat
 # every 8-warp tile (dK/dV 0.55 vs 0.73 ms, d64 with 1024-patch images), so they lead the lists. Tiles that
 # still spill somewhere are listed, with the reason, in compile_check.ALLOWED. The last dK/dV tile, 64x16 with 4
-# warps, is the one spill-free at every head dim and rotary layout on sm_80 (mma.sync keeps operand fragments
-# in registers: on A100 every larger tile spills somewhere with RoPE), and on sm_90, under triton 3.6 and 3.8.
+# warps, is the A100 fallback: spill-free on sm_80 where every larger tile spills (mma.sync keeps operand
+# fragments in registers), on sm_90 everywhere, and on sm_80 everywhere but d32 + RoPE and d80 under triton 3.6
+# (8 B, where other tiles are clean).
 _FWD_SHAPES = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
 _DKDV_SHAPES = [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2), (64, 16, 4, 2)]
 _DQ_SHAPES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2)]

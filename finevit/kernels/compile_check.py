@@ -111,6 +111,7 @@ ALLOWED: tuple[Allowance, ...] = (
         r"^(M128 N64 · 8w 3s|M64 N64 · 4w 3s|M128 N32 · 4w 3s|M64 N32 · 4w 2s"  # forward
         r"|N128 M64 · 8w 3s|N64 M64 · 8w 2s|N64 M32 · 8w 2s"  # dK/dV (owned k rows first)
         r"|N128 M32 · 4w 3s|N64 M64 · 4w 3s"  # dK/dV: the fastest on an H100 at d64 (bench/NOTES.md)
+        r"|N64 M16 · 4w 2s"  # dK/dV, A100's tile: 8 B on sm_80 with triton 3.6 at d32 + RoPE and d80
         r"|M64 N64 · 8w 2s|M64 N32 · 8w 2s)$",  # dQ (and M128 N64 · 8w 3s above)
         fallback=True,
         reason="an attention tile that spills at some head dims (or only on A100) is kept for the head dims where it "
