@@ -65,6 +65,15 @@ def alignment(*values: int, limit: int = 16) -> int:
     return align
 
 
+def strides_in_units(*tensors: torch.Tensor) -> tuple[int, list[int]]:
+    """(ALIGN, the token and head strides (dims 0 and 1) of `tensors` in order, divided by it) for kernels over
+    (tokens, heads, channels) tensors: ALIGN = `alignment` of those strides up to 16 bytes of the first tensor's
+    elements (8 for every dense 16-bit layout whose channel count is a multiple of 8)."""
+    strides = [s for t in tensors for s in (t.stride(0), t.stride(1))]
+    align = alignment(*strides, limit=16 // tensors[0].element_size())
+    return align, [s // align for s in strides]
+
+
 def launch(tuned, plain, grid, *args, interpreter_blocks: dict, **constexprs) -> None:
     """Launch an autotuned kernel; under the interpreter, where every autotune candidate would run (slowly),
     its plain kernel with the one fixed tile `interpreter_blocks` instead."""

@@ -652,14 +652,6 @@ def _seqlen_bucket(max_seqlen: int) -> int:
     return triton.next_power_of_2(max(max_seqlen, 16))
 
 
-def _strides_in_units(*tensors: torch.Tensor) -> tuple[int, list[int]]:
-    """(ALIGN, the token and head strides of `tensors` in order, divided by it): ALIGN is the largest power of two
-    dividing them all, at most 16 bytes of elements (`_dispatch.alignment`); 8 for 16-bit dense layouts."""
-    strides = [s for t in tensors for s in (t.stride(0), t.stride(1))]
-    align = _dispatch.alignment(*strides, limit=16 // tensors[0].element_size())
-    return align, [s // align for s in strides]
-
-
 def _common(q, rotary_dim, softmax_scale):
     plan = _kernel_plan(q.shape[2], rotary_dim)
     plan["DOT_PRECISION"] = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -688,7 +680,7 @@ def attention_fwd(
     def grid(meta):
         return (triton.cdiv(total_tokens, meta["BLOCK_M"]) + num_seqs, num_heads)
 
-    align, strides = _strides_in_units(q, k, v, o)
+    align, strides = _dispatch.strides_in_units(q, k, v, o)
     _dispatch.launch(
         _attn_fwd_tuned, _attn_fwd_kernel, grid,
         q, k, v, o, lse,
@@ -727,14 +719,14 @@ def attention_bwd(
     cu_blocks = _cu_blocks(cu_seqlens)
 
     block_t = 32 if _dispatch.interpreting() else 64
-    align, strides = _strides_in_units(o, do)
+    align, strides = _dispatch.strides_in_units(o, do)
     wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(total_tokens, block_t), num_heads)](
         o, do, delta, total_tokens, *strides,
         HEAD_DIM=head_dim, ALIGN=align, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim),
     )
     shared = (cu_seqlens, cu_blocks, num_seqs, total_tokens)
     # One ALIGN for both kernels (dq, dk, dv are dense: they never lower it).
-    align, strides = _strides_in_units(q, k, v, do, dk, dv, dq)
+    align, strides = _dispatch.strides_in_units(q, k, v, do, dk, dv, dq)
     dkdv_strides, dq_strides = strides[:12], strides[:8] + strides[12:]
     scalars = (qk_scale, softmax_scale, head_dim, _seqlen_bucket(max_seqlen))
 

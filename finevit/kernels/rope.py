@@ -217,14 +217,13 @@ def rope_fwd(
         return out
     blocks = _block_sizes(num_heads, head_dim, rotary_half)
     grid = (triton.cdiv(total_tokens, blocks["BLOCK_T"]), triton.cdiv(num_heads, blocks["BLOCK_H"]))
-    strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
-    align = _dispatch.alignment(*strides, limit=16 // x.element_size())
+    align, strides = _dispatch.strides_in_units(x, out)
     table_strides = (cos.stride(0), sin.stride(0))
     table_align = _dispatch.alignment(*table_strides, limit=4)  # float32 elements
     wrap_triton(_rope_kernel)[grid](
         x, cos, sin, out,
         total_tokens, num_heads,
-        *(s // align for s in strides),
+        *strides,
         *(s // table_align for s in table_strides),
         ROTARY_HALF=rotary_half,
         HEAD_DIM=head_dim,
