@@ -41,10 +41,15 @@ scores), `_load_dot_t_acc`, `_load_rescale_acc`, `_dot_acc` (the products into p
 `_store_chunks` and `_store_grad_chunks` (store).
 
 Ragged scheduling: instead of a (cdiv(max_seqlen, BLOCK), heads, num_seqs) grid, which launches
-empty programs for every short sequence, the grid's first axis is a flat list of (sequence, block)
-work items: `cu_blocks` (cumulative block counts per sequence, built on the device with torch ops, no
-host sync) is binary-searched by each program; the grid size cdiv(total_tokens, BLOCK) + num_seqs
-is an upper bound known from shapes alone, and programs past the last work item return at once.
+empty programs for every short sequence, the grid is a flat list of (sequence, block) work items times the
+heads: `cu_blocks` (`_cu_blocks_kernel`: one small kernel, no host sync) holds the sequences in dispatch order
+and their cumulative block counts, and each program binary-searches it. The grid size (cdiv(total_tokens,
+BLOCK) + num_seqs) · heads is an upper bound known from shapes alone; programs past the last item return at once.
+The order is longest sequences first (by octave of length), heads fastest: GPUs start programs in grid order as
+slots free up, so this is the longest-processing-time-first schedule a persistent kernel would build with an
+atomic work counter, and the shortest programs fill the last wave. Packing order instead can leave a long
+sequence's programs for last, each costing up to 16× a short one (4096 vs 256 patches): in a simulation of the
+dispatch (bench/schedule.py) mixed batches ran 2-6% over the ideal in packing order, 0.2-1% longest first.
 
 Strides are passed divided by ALIGN, the largest power of two (at most 16 bytes of elements) that divides
 them all, and multiplied back by the constexpr in the kernels (`_dispatch.alignment`). Triton specializes
@@ -69,6 +74,7 @@ from .rope import rope_fwd
 
 LOG2E = 1.4426950408889634
 CU_BLOCK_SIZES = (16, 32, 64, 128)  # block sizes that the `cu_blocks` table has a row for
+ORDER_ROW = tl.constexpr(len(CU_BLOCK_SIZES))  # the `cu_blocks` row of the sequences in dispatch order
 NUM_QK_CHUNKS, NUM_V_CHUNKS = 4, 3  # the most chunks a q/k and a v/o plan may have
 
 
@@ -78,12 +84,15 @@ NUM_QK_CHUNKS, NUM_V_CHUNKS = 4, 3  # the most chunks a q/k and a v/o plan may h
 
 
 @triton.jit
-def _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK: tl.constexpr):
-    """Map this program to (first token of its sequence, sequence length, block index), or valid=False.
+def _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, num_heads, BLOCK: tl.constexpr):
+    """Map this program to (valid, first token of its sequence, sequence length, block index, head).
 
-    CU_BLOCKS holds one row of num_seqs + 1 cumulative block counts per size in CU_BLOCK_SIZES (16..128).
+    Programs run heads fastest: program p takes head p % num_heads of work item p // num_heads, the
+    (sequence, block) pairs of the `_cu_blocks_kernel` work list, longest sequences first.
     """
-    work = tl.program_id(0)
+    pid = tl.program_id(0)
+    work = pid // num_heads
+    head = pid % num_heads
     if BLOCK == 16:
         size_index = 0
     elif BLOCK == 32:
@@ -95,7 +104,7 @@ def _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK: tl.constexpr):
         size_index = 3
     row = CU_BLOCKS + size_index * (num_seqs + 1)
     valid = work < tl.load(row + num_seqs)
-    # Binary search for the last sequence whose first block is <= work (empty sequences own no block).
+    # Binary search for the last slot of the order whose first block is <= work (empty sequences own no block).
     lo = 0
     hi = num_seqs
     while hi - lo > 1:
@@ -104,9 +113,10 @@ def _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK: tl.constexpr):
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, hi, mid)
     block = work - tl.load(row + lo)
-    seq_start = tl.load(CU_SEQLENS + lo)
-    seqlen = tl.load(CU_SEQLENS + lo + 1) - seq_start
-    return valid, seq_start.to(tl.int64), seqlen, block
+    seq = tl.load(CU_BLOCKS + ORDER_ROW * (num_seqs + 1) + lo)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    return valid, seq_start.to(tl.int64), seqlen, block, head.to(tl.int64)
 
 
 @triton.jit
@@ -299,22 +309,53 @@ def _store_grad_chunks(X, stride_x_tok, rows, mask_rows, tiles, scale, COS, SIN,
 def _cu_blocks_kernel(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_S: tl.constexpr):
     """The (sequence, block) work list of `_find_work_item`, built on the device (`_cu_blocks`, the C export).
 
-    Program i writes row i of CU_BLOCKS (len(CU_BLOCK_SIZES), num_seqs + 1) int32: 0, then the running sum
-    of cdiv(seqlen, 16 << i) over the sequences, scanned BLOCK_S sequences at a time with a carry. Grid (4,).
+    CU_BLOCKS is int32 (len(CU_BLOCK_SIZES) + 1, num_seqs + 1). Row ORDER_ROW holds the sequences longest
+    first: sorted by octave of their length (bit length), descending, ties in packing order (the last entry is
+    0, unused). Row i < ORDER_ROW holds 0, then the running sum of cdiv(seqlen, 16 << i) over that order.
+    One program (grid (1,)), BLOCK_S sequences per step, three passes: count each octave, place each sequence
+    (a counting sort), then scan the block counts in the new order.
     """
-    size_index = tl.program_id(0)
-    block = 16 << size_index  # CU_BLOCK_SIZES[size_index]
-    row = CU_BLOCKS + size_index * (num_seqs + 1)
-    tl.store(row, 0)
-    carry = 0
+    order = CU_BLOCKS + ORDER_ROW * (num_seqs + 1)
+    octaves = tl.arange(0, 32)  # bit lengths of int32 lengths (>= 0): 0..31
+    # 1. Sequences per octave, then the first slot of each octave: all longer octaves come before it.
+    counts = tl.zeros([32], dtype=tl.int32)
+    for start in range(0, num_seqs, BLOCK_S):
+        in_octave, _ = _octave_one_hot(CU_SEQLENS, start, num_seqs, octaves, BLOCK_S)
+        counts += tl.sum(in_octave, 0)
+    slot = tl.sum(tl.where(octaves[None, :] > octaves[:, None], counts[None, :], 0), 1)
+    # 2. Each sequence's slot: its octave's next free slot plus its rank among this step's sequences of that octave.
+    for start in range(0, num_seqs, BLOCK_S):
+        in_octave, offs = _octave_one_hot(CU_SEQLENS, start, num_seqs, octaves, BLOCK_S)
+        rank = tl.sum(tl.cumsum(in_octave, 0) * in_octave, 1) - 1
+        tl.store(order + tl.sum(in_octave * slot[None, :], 1) + rank, offs, mask=offs < num_seqs)
+        slot += tl.sum(in_octave, 0)
+    tl.store(order + num_seqs, 0)
+    tl.debug_barrier()  # the order's stores are visible to every thread of the program after this
+    # 3. Block counts per block size in that order, scanned with a carry.
+    sizes = 16 << tl.arange(0, ORDER_ROW)  # CU_BLOCK_SIZES
+    rows = CU_BLOCKS + tl.arange(0, ORDER_ROW) * (num_seqs + 1)
+    tl.store(rows, tl.zeros([ORDER_ROW], dtype=tl.int32))
+    carry = tl.zeros([ORDER_ROW], dtype=tl.int32)
     for start in range(0, num_seqs, BLOCK_S):
         offs = start + tl.arange(0, BLOCK_S)
         mask = offs < num_seqs
-        lo = tl.load(CU_SEQLENS + offs, mask=mask, other=0)
-        hi = tl.load(CU_SEQLENS + offs + 1, mask=mask, other=0)
-        blocks = (hi - lo + block - 1) // block  # 0 for masked lanes
-        tl.store(row + 1 + offs, tl.cumsum(blocks, 0) + carry, mask=mask)
+        seq = tl.load(order + offs, mask=mask, other=0)
+        seqlen = tl.load(CU_SEQLENS + seq + 1, mask=mask, other=0) - tl.load(CU_SEQLENS + seq, mask=mask, other=0)
+        blocks = (seqlen[:, None] + sizes[None, :] - 1) // sizes[None, :]  # (BLOCK_S, sizes), 0 for masked lanes
+        tl.store(rows[None, :] + 1 + offs[:, None], tl.cumsum(blocks, 0) + carry[None, :], mask=mask[:, None])
         carry += tl.sum(blocks, 0)
+
+
+@triton.jit
+def _octave_one_hot(CU_SEQLENS, start, num_seqs, octaves, BLOCK_S: tl.constexpr):
+    """(BLOCK_S, 32) int32: row j is the one-hot octave (bit length) of the length of sequence start + j (all
+    zero past num_seqs), and those sequence indices."""
+    offs = start + tl.arange(0, BLOCK_S)
+    mask = offs < num_seqs
+    seqlen = tl.load(CU_SEQLENS + offs + 1, mask=mask, other=0) - tl.load(CU_SEQLENS + offs, mask=mask, other=0)
+    bit_length = tl.sum(((seqlen[:, None] >> octaves[None, :]) > 0).to(tl.int32), 1)
+    bit_length = tl.where(mask, bit_length, -1)
+    return (bit_length[:, None] == octaves[None, :]).to(tl.int32), offs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,7 +368,7 @@ def _attn_fwd_kernel(
     # pointers
     Q, K, V, O, LSE,
     # varlen metadata
-    CU_SEQLENS, CU_BLOCKS, num_seqs, total_tokens,
+    CU_SEQLENS, CU_BLOCKS, num_seqs, num_heads, total_tokens,
     # strides in units of ALIGN elements (last dims are contiguous)
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_o_tok, stride_o_head,
@@ -340,7 +381,8 @@ def _attn_fwd_kernel(
     ALIGN: tl.constexpr,  # every stride is a multiple of ALIGN elements (`_dispatch.alignment`)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile sizes: constexpr so tiles live in registers
 ):
-    valid, seq_start, seqlen, block = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_M)
+    valid, seq_start, seqlen, block, head = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, num_heads,
+                                                            BLOCK_M)
     if not valid:
         return
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head = _in_elements(ALIGN, stride_q_tok, stride_q_head,
@@ -348,7 +390,6 @@ def _attn_fwd_kernel(
     stride_v_tok, stride_v_head, stride_o_tok, stride_o_head = _in_elements(ALIGN, stride_v_tok, stride_v_head,
                                                                       stride_o_tok, stride_o_head)
     # Fold the (int64) sequence start and head into the base pointers: tile offsets stay int32.
-    head = tl.program_id(1).to(tl.int64)
     Q += head * stride_q_head + seq_start * stride_q_tok
     K += head * stride_k_head + seq_start * stride_k_tok
     V += head * stride_v_head + seq_start * stride_v_tok
@@ -415,7 +456,7 @@ def _attn_bwd_dkdv_kernel(
     # pointers
     Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
     # varlen metadata
-    CU_SEQLENS, CU_BLOCKS, num_seqs, total_tokens,
+    CU_SEQLENS, CU_BLOCKS, num_seqs, num_heads, total_tokens,
     # strides in units of ALIGN elements, the tables' (stride_cs_tok) in units of TABLE_ALIGN
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_do_tok, stride_do_head, stride_dk_tok, stride_dk_head, stride_dv_tok, stride_dv_head, stride_cs_tok,
@@ -427,7 +468,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program owns a k-block of one head: dK, dV accumulate in registers over the sequence's q-blocks."""
-    valid, seq_start, seqlen, block = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_N)
+    valid, seq_start, seqlen, block, head = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, num_heads,
+                                                            BLOCK_N)
     if not valid:
         return
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head = _in_elements(ALIGN, stride_q_tok, stride_q_head,
@@ -437,7 +479,6 @@ def _attn_bwd_dkdv_kernel(
     stride_dk_tok, stride_dk_head, stride_dv_tok, stride_dv_head = _in_elements(ALIGN, stride_dk_tok, stride_dk_head,
                                                                                 stride_dv_tok, stride_dv_head)
     stride_cs_tok = stride_cs_tok * TABLE_ALIGN
-    head = tl.program_id(1).to(tl.int64)
     Q += head * stride_q_head + seq_start * stride_q_tok
     K += head * stride_k_head + seq_start * stride_k_tok
     V += head * stride_v_head + seq_start * stride_v_tok
@@ -480,7 +521,7 @@ def _attn_bwd_dq_kernel(
     # pointers
     Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
     # varlen metadata
-    CU_SEQLENS, CU_BLOCKS, num_seqs, total_tokens,
+    CU_SEQLENS, CU_BLOCKS, num_seqs, num_heads, total_tokens,
     # strides in units of ALIGN elements, the tables' (stride_cs_tok) in units of TABLE_ALIGN
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_do_tok, stride_do_head, stride_dq_tok, stride_dq_head, stride_cs_tok,
@@ -492,7 +533,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program owns a q-block of one head: dQ accumulates in registers over the sequence's k-blocks."""
-    valid, seq_start, seqlen, block = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, BLOCK_M)
+    valid, seq_start, seqlen, block, head = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, num_heads,
+                                                            BLOCK_M)
     if not valid:
         return
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head = _in_elements(ALIGN, stride_q_tok, stride_q_head,
@@ -501,7 +543,6 @@ def _attn_bwd_dq_kernel(
                                                                         stride_do_tok, stride_do_head)
     stride_dq_tok, stride_dq_head = stride_dq_tok * ALIGN, stride_dq_head * ALIGN
     stride_cs_tok = stride_cs_tok * TABLE_ALIGN
-    head = tl.program_id(1).to(tl.int64)
     Q += head * stride_q_head + seq_start * stride_q_tok
     K += head * stride_k_head + seq_start * stride_k_tok
     V += head * stride_v_head + seq_start * stride_v_tok
@@ -607,17 +648,22 @@ CU_BLOCKS_SCAN = 256  # sequences per scan step of `_cu_blocks_kernel`
 
 
 def _cu_blocks(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """int32 (len(CU_BLOCK_SIZES), num_seqs + 1): cumulative cdiv(seqlen, block) per block size, on device.
+    """int32 (len(CU_BLOCK_SIZES) + 1, num_seqs + 1): the work list of `_cu_blocks_kernel`, on device.
 
-    One kernel (`_cu_blocks_kernel`), no host sync: it runs on every attention call (forward and backward of
-    every layer), and the C export (`finevit.kernels.export`) launches the same kernel. (The torch-ops version it
-    replaces needed a cached device tensor of the block sizes: building it per call was a host-to-device copy,
+    One small kernel, no host sync: it runs on every attention call (forward and backward of every layer), and
+    the C export (`finevit.kernels.export`) launches the same kernel. (The torch-ops version of the block counts
+    it replaced needed a cached device tensor of the block sizes: building it per call was a host-to-device copy,
     24 host syncs per ViT-B training step on an H100, 17% of its time.)
     """
     num_seqs = cu_seqlens.shape[0] - 1
-    table = torch.empty((len(CU_BLOCK_SIZES), num_seqs + 1), dtype=torch.int32, device=cu_seqlens.device)
-    wrap_triton(_cu_blocks_kernel)[(len(CU_BLOCK_SIZES),)](cu_seqlens, table, num_seqs, BLOCK_S=CU_BLOCKS_SCAN)
+    table = torch.empty((len(CU_BLOCK_SIZES) + 1, num_seqs + 1), dtype=torch.int32, device=cu_seqlens.device)
+    wrap_triton(_cu_blocks_kernel)[(1,)](cu_seqlens, table, num_seqs, BLOCK_S=CU_BLOCKS_SCAN)
     return table
+
+
+def _work_grid(total_tokens: int, num_seqs: int, num_heads: int, block: int) -> tuple[int]:
+    """Programs for the flat work list: an upper bound on the (sequence, block) items, times the heads."""
+    return ((triton.cdiv(total_tokens, block) + num_seqs) * num_heads,)
 
 
 # Autotune candidates (tile of the owned rows, tile of the loop, warps, stages). Pruned with the compile report
@@ -678,13 +724,13 @@ def attention_fwd(
     cu_blocks = _cu_blocks(cu_seqlens)
 
     def grid(meta):
-        return (triton.cdiv(total_tokens, meta["BLOCK_M"]) + num_seqs, num_heads)
+        return _work_grid(total_tokens, num_seqs, num_heads, meta["BLOCK_M"])
 
     align, strides = _dispatch.strides_in_units(q, k, v, o)
     _dispatch.launch(
         _attn_fwd_tuned, _attn_fwd_kernel, grid,
         q, k, v, o, lse,
-        cu_seqlens, cu_blocks, num_seqs, total_tokens,
+        cu_seqlens, cu_blocks, num_seqs, num_heads, total_tokens,
         *strides,
         qk_scale, head_dim, _seqlen_bucket(max_seqlen),
         **plan, ALIGN=align, interpreter_blocks=_INTERPRETER_BLOCKS,
@@ -724,17 +770,17 @@ def attention_bwd(
         o, do, delta, total_tokens, *strides,
         HEAD_DIM=head_dim, ALIGN=align, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(head_dim),
     )
-    shared = (cu_seqlens, cu_blocks, num_seqs, total_tokens)
+    shared = (cu_seqlens, cu_blocks, num_seqs, num_heads, total_tokens)
     # One ALIGN for both kernels (dq, dk, dv are dense: they never lower it).
     align, strides = _dispatch.strides_in_units(q, k, v, do, dk, dv, dq)
     dkdv_strides, dq_strides = strides[:12], strides[:8] + strides[12:]
     scalars = (qk_scale, softmax_scale, head_dim, _seqlen_bucket(max_seqlen))
 
     def grid_kv(meta):
-        return (triton.cdiv(total_tokens, meta["BLOCK_N"]) + num_seqs, num_heads)
+        return _work_grid(total_tokens, num_seqs, num_heads, meta["BLOCK_N"])
 
     def grid_q(meta):
-        return (triton.cdiv(total_tokens, meta["BLOCK_M"]) + num_seqs, num_heads)
+        return _work_grid(total_tokens, num_seqs, num_heads, meta["BLOCK_M"])
 
     _dispatch.launch(
         _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, grid_kv,

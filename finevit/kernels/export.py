@@ -84,7 +84,7 @@ PARAMS = {
     "_rope_kernel": (("X", "*"), ("COS", "*"), ("SIN", "*"), ("OUT", "*"), ("num_tokens", "i32"),
                      ("num_heads", "i32"), *((name, "i32") for name in _STRIDES_ROPE)),
     "_attn_fwd_kernel": (("Q", "*"), ("K", "*"), ("V", "*"), ("O", "*"), ("LSE", "*"), ("CU_SEQLENS", "*"),
-                         ("CU_BLOCKS", "*"), ("num_seqs", "i32"), ("total_tokens", "i32"),
+                         ("CU_BLOCKS", "*"), ("num_seqs", "i32"), ("num_heads", "i32"), ("total_tokens", "i32"),
                          *((name, "i32") for name in _STRIDES_ATTN), ("qk_scale", "fp32"), ("head_dim", "i32"),
                          ("max_seqlen_bucket", "i32")),
     "_patch_embed_fwd_kernel": (("X", "*"), ("W", "*"), ("BIAS", "*"), ("NORM", "*"), ("Y", "*"), ("rows", "i32"),

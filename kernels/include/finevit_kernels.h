@@ -93,7 +93,7 @@ FINEVIT_API finevit_status finevit_apply_rope(finevit_view x, finevit_view out, 
 
 /*
  * Bytes of device workspace finevit_varlen_attention needs (a function of the sizes only; 0 on bad sizes).
- * It holds the work list (int32, 4 x (num_seqs + 1)), the log-sum-exp (float32, heads x tokens) and, with
+ * It holds the work list (int32, 5 x (num_seqs + 1)), the log-sum-exp (float32, heads x tokens) and, with
  * RoPE, the rotated q and k (contiguous, 2 x tokens x heads x head_dim elements).
  */
 FINEVIT_API size_t finevit_varlen_attention_workspace_size(int64_t total_tokens, int num_heads, int head_dim,

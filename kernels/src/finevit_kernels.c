@@ -341,7 +341,7 @@ static void attention_workspace(int64_t total_tokens, int num_heads, int head_di
   size_t tokens = (size_t)total_tokens, heads = (size_t)num_heads;
   size_t rotated = with_rope ? round_up(tokens * heads * (size_t)head_dim * 2) : 0;  /* fp16 / bf16: 2 bytes */
   offsets[0] = 0;
-  offsets[1] = round_up(4 * ((size_t)num_seqs + 1) * sizeof(int32_t));
+  offsets[1] = round_up(5 * ((size_t)num_seqs + 1) * sizeof(int32_t)); /* the work list: 4 block sizes + order */
   offsets[2] = offsets[1] + round_up(heads * tokens * sizeof(float));
   offsets[3] = offsets[2] + rotated;
   offsets[4] = offsets[3] + rotated;
@@ -400,9 +400,9 @@ finevit_status finevit_varlen_attention(finevit_view q, finevit_view k, finevit_
   CUdeviceptr cu = (CUdeviceptr)cu_seqlens, blocks = (CUdeviceptr)(base + offsets[0]);
   CUdeviceptr lse = (CUdeviceptr)(base + offsets[1]);
   int32_t seqs = num_seqs;
-  /* 1. The (sequence, block) work list, as attention._cu_blocks. */
+  /* 1. The (sequence, block) work list, longest sequences first, as attention._cu_blocks: one program. */
   void *block_params[] = {&cu, &blocks, &seqs};
-  if ((status = launch(&state, blocks_index, 4, 1, block_params, 3, cu_stream))) return status;
+  if ((status = launch(&state, blocks_index, 1, 1, block_params, 3, cu_stream))) return status;
   /* 2. With RoPE, q and k rotated once into the workspace, as attention_fwd does with rope_fwd. */
   if (with_rope) {
     finevit_view q_rot = {base + offsets[2], (int64_t)num_heads * head_dim, head_dim};
@@ -413,13 +413,13 @@ finevit_status finevit_varlen_attention(finevit_view q, finevit_view k, finevit_
     q = q_rot;
     k = k_rot;
   }
-  /* 3. The forward kernel over the flat work list: grid (cdiv(tokens, BLOCK_M) + num_seqs, heads). */
+  /* 3. The forward kernel over the flat work list, heads fastest: grid ((cdiv(tokens, BLOCK_M) + num_seqs) * heads). */
   int aligned = view_aligned(q) && view_aligned(k) && view_aligned(v) && view_aligned(out) && aligned16(cu_seqlens);
   int index = find_entry(FINEVIT_AOT_ATTENTION, target, dtype, head_dim, aligned, 0);
   const finevit_aot_entry *e = &finevit_aot_entries[index];
   CUdeviceptr pq = (CUdeviceptr)q.data, pk = (CUdeviceptr)k.data, pv = (CUdeviceptr)v.data;
   CUdeviceptr po = (CUdeviceptr)out.data;
-  int32_t tokens = (int32_t)total_tokens, dim = head_dim, bucket = 0; /* bucket: an autotune key, unused */
+  int32_t heads = num_heads, tokens = (int32_t)total_tokens, dim = head_dim, bucket = 0; /* bucket: unused key */
   int64_t unit = e->align;
   int32_t strides[8] = {(int32_t)(q.stride_token / unit), (int32_t)(q.stride_head / unit),
                         (int32_t)(k.stride_token / unit), (int32_t)(k.stride_head / unit),
@@ -427,11 +427,15 @@ finevit_status finevit_varlen_attention(finevit_view q, finevit_view k, finevit_
                         (int32_t)(out.stride_token / unit), (int32_t)(out.stride_head / unit)};
   float scale = softmax_scale > 0.0f ? softmax_scale : 1.0f / sqrtf((float)head_dim);
   float qk_scale = scale * 1.4426950408889634f; /* log2(e): the kernel works in the exp2 domain */
-  void *params[] = {&pq, &pk, &pv, &po, &lse, &cu, &blocks, &seqs, &tokens,
+  void *params[] = {&pq, &pk, &pv, &po, &lse, &cu, &blocks, &seqs, &heads, &tokens,
                     &strides[0], &strides[1], &strides[2], &strides[3], &strides[4], &strides[5], &strides[6],
                     &strides[7], &qk_scale, &dim, &bucket};
-  if ((status = launch(&state, index, cdiv(total_tokens, e->tiles[0]) + (unsigned)num_seqs, (unsigned)num_heads,
-                       params, (int)(sizeof params / sizeof params[0]), cu_stream)))
+  uint64_t programs = ((uint64_t)cdiv(total_tokens, e->tiles[0]) + (uint64_t)num_seqs) * (uint64_t)num_heads;
+  if (programs > INT32_MAX)
+    return fail(FINEVIT_ERROR_INVALID_ARGUMENT, "(total_tokens / %d + num_seqs) * num_heads must be < 2^31 (one "
+                "launch), got %llu", e->tiles[0], (unsigned long long)programs);
+  if ((status = launch(&state, index, (unsigned)programs, 1, params, (int)(sizeof params / sizeof params[0]),
+                       cu_stream)))
     return status;
   return succeed();
 }

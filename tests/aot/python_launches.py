@@ -83,7 +83,8 @@ def attention(manifest, target, dtype_code, tokens, heads, dim, num_seqs, rope, 
     unit = export.ALIGNED_UNITS["ALIGN"]
     aligned = rows.stride(0) % unit == 0 and dim % unit == 0
     blocks = _entry(manifest, "_cu_blocks_kernel", target, "", 0, False)
-    expected = [_describe(recorded[2 if rope else 0], blocks, (4,), address)]
+    work_list = recorded[2 if rope else 0]
+    expected = [_describe(work_list, blocks, work_list.grid, address)]
     if rope:
         entry = _entry(manifest, "_rope_kernel", target, dtype_name, dim,
                        aligned and (dim // 2) % export.ALIGNED_UNITS["TABLE_ALIGN"] == 0)

@@ -507,3 +507,24 @@ def test_bf16_optimizer_updates_fp32_masters_and_casts_them_back(train_step):
     # No weight decay on vectors (biases, norms, the scale).
     decay = {id(p): g["weight_decay"] for g in optimizer.optimizer.param_groups for p in g["params"]}
     assert [decay[id(m)] for m in optimizer.masters] == [train_step.WEIGHT_DECAY, 0.0, 0.0, 0.0]
+
+
+def test_schedule_model_prefers_the_kernels_longest_first_order_on_ragged_batches(monkeypatch):
+    """bench/schedule.py, the cost model of the work order: its order is the one `_cu_blocks_kernel` writes (run
+    here in the interpreter), a greedy list schedule of equal programs takes ceil(n / slots) rounds, and a long
+    image packed after short ones ends later in packing order than longest first, while a uniform batch is the same."""
+    from finevit.kernels import attention
+
+    schedule = load_bench("schedule", monkeypatch)
+    lengths = [196, 4096, 0, 1024, 300, 256, 4000, 17]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    assert attention._cu_blocks(cu)[attention.ORDER_ROW.value, :-1].tolist() == schedule.dispatch_order(lengths)
+
+    assert schedule.makespan([2.0] * 10, slots=4) == 6.0
+    tile = ("test", 64, 64, 1)
+    ragged = [256] * 40 + [1088]  # 17 long programs on 16 slots: packed last, the 17th runs alone at the end
+    packing, longest = (schedule.over_ideal(ragged, 2, tile, 16, 3.0, order) for order in ("packing", "longest"))
+    assert longest < packing - 0.05
+    uniform = [1024] * 8
+    assert schedule.over_ideal(uniform, 4, tile, 16, 3.0, "packing") == schedule.over_ideal(uniform, 4, tile, 16, 3.0,
+                                                                                            "longest")

@@ -251,10 +251,24 @@ def test_attention_forward_and_backward_never_wait_for_the_host():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("lengths", [[0], [1], [0, 17, 0, 129, 1, 300], [5] * 300])
-def test_cu_blocks_kernel_writes_the_cumulative_block_counts_of_every_block_size(lengths):
-    """The work list (`_cu_blocks_kernel`, also launched by the C export): row i holds 0 then the running sum of
-    cdiv(seqlen, 16 << i), with empty sequences and more sequences than one scan step (300 > 256)."""
+def _work_list(lengths: list[int]) -> list[list[int]]:
+    """The `_cu_blocks` table in Python: the sequences sorted by octave (bit length) of their length, longest
+    first and stable, then per block size 0 and the running block counts in that order; the order as last row."""
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]).bit_length())
+    rows = [[0] + torch.tensor([-(-lengths[i] // size) for i in order], dtype=torch.int64).cumsum(0).tolist()
+            for size in attention.CU_BLOCK_SIZES]
+    return rows + [order + [0]]
+
+
+@pytest.mark.parametrize("lengths", [[0], [1], [0, 17, 0, 129, 1, 300], [5] * 300, [1, 2, 3, 4, 4096, 8, 2**20],
+                                     "random 600"])
+def test_cu_blocks_kernel_orders_sequences_longest_first_and_counts_their_blocks(lengths):
+    """The work list (`_cu_blocks_kernel`, also launched by the C export): sequences by descending octave of length,
+    ties in packing order, and per block size the running sum of cdiv(seqlen, size) in that order. With empty
+    sequences, powers of two at octave edges, and more sequences than one scan step (300, 600 > 256)."""
+    if lengths == "random 600":
+        lengths = torch.randint(0, 3000, (600,), generator=torch.Generator().manual_seed(0)).tolist()
     cu = K.cu_seqlens_from_lengths(lengths).to(DEVICE)
-    expected = [[0] + torch.tensor([-(-n // size) for n in lengths]).cumsum(0).tolist() for size in (16, 32, 64, 128)]
-    assert attention._cu_blocks(cu).tolist() == expected
+    assert attention._cu_blocks(cu).tolist() == _work_list(lengths)
+
+
