@@ -318,8 +318,8 @@ class Trainer(TrainerBase):
                                     self.cfg.tasks.turns, rng)
             # Everything the forward needs to know about values, from the host copies (ForwardPlan), so that
             # the step is queued without reading anything back from the device.
-            plan = forward_plan(batch["image"], sequences["input_ids"], sequences["labels"],
-                                self.builder.image_token_id, self.cfg.data.merge_size)
+            plan = forward_plan(batch["image"], sequences["input_ids"], sequences["attention_mask"],
+                                sequences["labels"], self.builder.image_token_id, self.cfg.data.merge_size)
             image = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                      for k, v in batch["image"].items()}
             # What the meter counts, from the host copies (never read back from the device).

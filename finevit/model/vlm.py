@@ -15,10 +15,11 @@ so any packed order works, raster order included, and an odd height or width is 
 `VisionLanguageModel.forward` returns the per-token cross-entropy of every supervised position (labels not
 -100, shifted by one), computed inside the module so that under FSDP2 the LM head's gathered weights are live.
 What it needs from the inputs' values rather than their shapes (where each patch goes in the merger, which
-positions hold placeholders and which are supervised) is a `ForwardPlan`: built from the data loader's CPU
-tensors and moved to the device with the batch, it lets the forward run without reading anything back from the
-device (stage 2's trainer passes one; without it the forward builds it from device tensors, which waits for the
-device several times per call). No torch.distributed here (docs/design.md).
+positions hold placeholders and which are supervised, whether the padding is on the right) is a `ForwardPlan`:
+built from the data loader's CPU tensors and moved to the device with the batch, it lets the forward run without
+reading anything back from the device, transformers' decoder included (stage 2's trainer passes one; without it
+the forward builds it from device tensors, which waits for the device several times per call). No
+torch.distributed here (docs/design.md).
 """
 
 from __future__ import annotations
@@ -85,13 +86,18 @@ def placeholder_index(input_ids: torch.Tensor, image_token_id: int, image_tokens
 
 @dataclass
 class ForwardPlan:
-    """The index tensors of one `VisionLanguageModel.forward` call (module doc), from `forward_plan`."""
+    """What one `VisionLanguageModel.forward` call needs to know about its inputs' values (module doc): index
+    tensors and whether the batch is right-padded, from `forward_plan`."""
 
     merge_slots: torch.Tensor  # (N,) int64: each patch's slot in the merged layout (`merge_index`)
     merged_tokens: int  # M, the image tokens the merger makes
     placeholders: torch.Tensor  # (M,) int64: flat (B · L) indices of the image placeholders, reading order
     supervised: torch.Tensor  # (S,) int64: flat (B · L) indices t of the positions whose logits predict labels[t + 1]
     targets: torch.Tensor  # (S,) int64: those labels
+    # Every attention-mask row is ones, then zeros (the loader pads on the right). Under the decoder's causal
+    # mask a token then never sees padding, so the decoder gets no mask: the supervised outputs are the same, and
+    # transformers does not read the mask back from the device to decide whether it may skip it.
+    right_padded: bool
 
     def to(self, device: torch.device, non_blocking: bool = False) -> ForwardPlan:
         return ForwardPlan(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
@@ -99,15 +105,18 @@ class ForwardPlan:
                               for f in fields(self)})
 
 
-def forward_plan(image: dict, input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int,
-                 merge_size: int = 2) -> ForwardPlan:
+def forward_plan(image: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                 image_token_id: int, merge_size: int = 2) -> ForwardPlan:
     """The `ForwardPlan` of a batch, computed on its tensors' device (build it from CPU tensors; module doc).
     Raises ValueError when the prompts' placeholders do not match the images' merged token counts."""
     slots, tokens = merge_index(image["positions"], image["cu_seqlens"], image["grid_hw"], merge_size)
     rows, cols = torch.nonzero(labels[:, 1:] != IGNORE_INDEX).unbind(1)
+    mask = attention_mask.long()
+    right_padded = bool(((mask == 0) | (mask == 1)).all() and (mask[:, 1:] <= mask[:, :-1]).all())
     return ForwardPlan(merge_slots=slots, merged_tokens=tokens,
                        placeholders=placeholder_index(input_ids, image_token_id, tokens),
-                       supervised=rows * labels.shape[1] + cols, targets=labels[rows, cols + 1])
+                       supervised=rows * labels.shape[1] + cols, targets=labels[rows, cols + 1],
+                       right_padded=right_padded)
 
 
 class PatchMerger(nn.Module):
@@ -184,10 +193,11 @@ class VisionLanguageModel(nn.Module):
         in reading order of the positions where labels[:, 1:] != -100. `plan`: the batch's `forward_plan` on
         the device; given, nothing is read back from the device (module doc)."""
         if plan is None:
-            plan = forward_plan(image, input_ids, labels, self.image_token_id, self.merge_size)
+            plan = forward_plan(image, input_ids, attention_mask, labels, self.image_token_id, self.merge_size)
         image_embeds = self.image_embeddings(image, (plan.merge_slots, plan.merged_tokens))
         embeds = self.input_embeddings(image_embeds, input_ids, plan.placeholders)
-        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        decoder_mask = None if plan.right_padded else attention_mask
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=decoder_mask).last_hidden_state
         # Logits only where a loss is taken.
         logits = self.llm.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, plan.supervised))
         return F.cross_entropy(logits.float(), plan.targets, reduction="none")
