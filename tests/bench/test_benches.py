@@ -519,6 +519,10 @@ def test_schedule_model_prefers_the_kernels_longest_first_order_on_ragged_batche
     lengths = [196, 4096, 0, 1024, 300, 256, 4000, 17]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     assert attention._cu_blocks(cu)[attention.ORDER_ROW.value, :-1].tolist() == schedule.dispatch_order(lengths)
+    # The --measure ablation's table: the kernel's, but in packing order (equal when packing order is longest first).
+    ordered = [lengths[i] for i in schedule.dispatch_order(lengths)]
+    cu = torch.tensor([0, *torch.tensor(ordered).cumsum(0).tolist()], dtype=torch.int32)
+    assert torch.equal(schedule.packing_order_table(cu), attention._cu_blocks(cu))
 
     assert schedule.makespan([2.0] * 10, slots=4) == 6.0
     tile = ("test", 64, 64, 1)
