@@ -49,7 +49,7 @@ The order is longest sequences first (by octave of length), heads fastest: GPUs 
 slots free up, so this is the longest-processing-time-first schedule a persistent kernel would build with an
 atomic work counter, and the shortest programs fill the last wave. Packing order instead can leave a long
 sequence's programs for last, each costing up to 16× a short one (4096 vs 256 patches): in a simulation of the
-dispatch (bench/schedule.py) mixed batches ran 2-6% over the ideal in packing order, 0.2-1% longest first.
+dispatch (bench/schedule.py) mixed batches ran 2-7% over the ideal in packing order, 0.2-2% longest first.
 
 Strides are passed divided by ALIGN, the largest power of two (at most 16 bytes of elements) that divides
 them all, and multiplied back by the constexpr in the kernels (`_dispatch.alignment`). Triton specializes
