@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import faulthandler
 import json
 import logging
 import math
@@ -427,6 +428,9 @@ def run(trainer_class: type, config_class: type, argv: list[str] | None = None) 
     """A trainer script's main: parse the configuration (exit status 2 on an error, which names the key),
     train, finish, and leave the process group cleanly whatever happened."""
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s: %(message)s")
+    # A rank killed by a fatal signal (SIGABRT from a C++ abort in gloo, SIGSEGV) prints every thread's Python
+    # stack first: torchrun reports only the signal.
+    faulthandler.enable(all_threads=True)
     try:
         cfg = C.parse_args(argv, config_class)
     except C.ConfigError as exc:

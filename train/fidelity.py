@@ -118,9 +118,22 @@ def torchrun(script: str, arguments: list[str], log: Path, nproc: int) -> float:
         f.flush()
         done = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        tail = log.read_text().splitlines()[-30:]
-        raise RuntimeError(f"{script} failed ({done.returncode}); the end of {log}:\n" + "\n".join(tail))
+        raise RuntimeError(f"{script} failed ({done.returncode}); from {log}:\n{failure_excerpt(log.read_text())}")
     return time.perf_counter() - started
+
+
+FAILURE_MARKERS = ("Traceback", "Error", "error:", "terminate called", "what():", "Fatal Python error",
+                   "Current thread", "Thread 0x")
+
+
+def failure_excerpt(text: str, context: int = 12, tail: int = 30) -> str:
+    """What a failed torchrun run's log says about its cause: the lines around the first line a rank wrote
+    about a failure (a traceback, a C++ abort, faulthandler's stacks), then the end (torchrun's report, which
+    names only the signal)."""
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if any(m in line for m in FAILURE_MARKERS)), len(lines))
+    head = lines[max(0, first - 2):first + context] if first < len(lines) - tail else []
+    return "\n".join([*head, *(["..."] if head else []), *lines[-tail:]])
 
 
 def stage1_arguments(arm: str, seed: int, run_dir: Path, args: argparse.Namespace) -> list[str]:

@@ -6,7 +6,7 @@ import json
 import sys
 
 from tests.train.helpers import REPO, run_group
-from train.fidelity import README_END, README_START, readme_block
+from train.fidelity import README_END, README_START, failure_excerpt, readme_block
 
 ARMS = {"dense", "short", "square", "stage2", "dense_before_stage2"}
 
@@ -16,7 +16,7 @@ def test_smoke_experiment_writes_every_arm_and_comparison(tmp_path, synth_root):
     command = [sys.executable, "-m", "train.fidelity", "--out", str(out), "--smoke", "--comparisons", "a,b,c",
                "--data-root", str(synth_root)]
     done = run_group(command, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-12000:]
 
     result = json.loads((out / "results.json").read_text())
     assert set(result["summary"]) == ARMS
@@ -56,3 +56,18 @@ def test_readme_claims_table_is_generated_from_the_committed_results():
     result = json.loads((REPO / "results" / "fidelity" / "results.json").read_text())
     assert readme_block(result) in (REPO / "README.md").read_text(), \
         "README's fidelity block is stale: run `python -m train.fidelity --out results/fidelity --readme README.md`"
+
+
+def test_a_failed_runs_excerpt_shows_the_ranks_cause_not_only_torchruns_report():
+    steps = [f"step {i}/400 | loss 6.5" for i in range(100)]
+    cause = ["terminate called after throwing an instance of 'gloo::EnforceNotMet'",
+             "  what():  [enforce fail at pair.cc:446] op.preamble.length <= op.nbytes",
+             "Fatal Python error: Aborted", "Current thread 0x00007f (most recent call first):",
+             '  File "train/common.py", line 423 in close']
+    report = ["Traceback (most recent call last):", *[f"  torchrun frame {i}" for i in range(25)],
+              "exitcode  : -6 (pid: 2) (SIGABRT)"]
+    excerpt = failure_excerpt("\n".join(steps + cause + steps[:5] + report))
+    assert all(line in excerpt.splitlines() for line in cause + report)
+    assert "step 50/400 | loss 6.5" not in excerpt
+    # A log whose only failure lines are torchrun's report: just its end.
+    assert failure_excerpt("\n".join(steps + report)).splitlines() == (steps + report)[-30:]
