@@ -27,6 +27,8 @@ Providers
     finevit        FineViT on the packed batch at native resolution (each image its own size and aspect ratio):
                    varlen attention with fused 2D RoPE, patch_embed on uint8 pixels (normalization fused), MAP head;
                    loss finevit.kernels.siglip_loss
+    finevit_nondet the same with the attention backward that adds dQ with atomics (deterministic=False: one pass
+                   over the keys instead of two; not the default)
     timm_padded    timm VisionTransformer of the same width / depth / heads / MLP (class_token=False,
                    global_pool="map", act gelu_tanh, learned position embedding, dynamic_img_size, fused_attn, i.e.
                    F.scaled_dot_product_attention) on one padded square batch: image i resized to sᵢ × sᵢ
@@ -102,6 +104,7 @@ from torch import nn
 
 from finevit import kernels
 from finevit.model import FineViT, FineViTConfig
+from finevit.model.vit import Attention
 
 OURS = "finevit"
 EQUAL_CONTENT_BASELINES = ("timm_padded", "timm_grouped")
@@ -256,11 +259,15 @@ def _random_uint8(shape: tuple[int, ...], device: torch.device, gen: torch.Gener
     return torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=gen)
 
 
-def build_finevit(case: Case, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> Tower:
+def build_finevit(case: Case, device: torch.device, dtype: torch.dtype, gen: torch.Generator,
+                  deterministic: bool = True) -> Tower:
     with torch.device(device):
         model = FineViT(case.config)
         model.init_weights()
     model.to(dtype).train()
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.deterministic = deterministic
     lengths = case.lengths
     patches = _random_uint8((sum(lengths), case.config.patch_features), device, gen)  # (T, C·P·P)
     positions = torch.cat([
@@ -362,6 +369,8 @@ class Provider:
 PROVIDERS: dict[str, Provider] = {
     "finevit": Provider(build_finevit, "FineViT on the packed native-resolution batch: finevit varlen attention "
                         "(fused 2D RoPE), patch_embed (uint8, normalization fused), siglip_loss"),
+    "finevit_nondet": Provider(partial(build_finevit, deterministic=False), "finevit with the attention backward "
+                               "that adds dQ with atomics (varlen_attention(deterministic=False))"),
     "timm_padded": Provider(partial(build_timm, "padded"), "timm VisionTransformer (SDPA), image i resized to "
                             "s_i x s_i patches (s_i = round(sqrt(n_i))), padded to the batch's largest side"),
     "timm_grouped": Provider(partial(build_timm, "grouped"), "timm VisionTransformer (SDPA), the s_i x s_i images "

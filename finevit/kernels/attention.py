@@ -7,11 +7,15 @@ saved log-sum-exp `lse` is float32 (num_heads, total_tokens), in the log2 domain
 Forward (FA2, exp2 domain): per (sequence, q-block, head) program, loop over the sequence's k-blocks:
     s = q̃ k̃ᵀ · scale · log2(e);  m' = max(m, rowmax s);  p = 2^(s − m');  l = l·2^(m − m') + rowsum p
     acc = acc·2^(m − m') + p v;   finally o = acc / l,  lse = m + log2 l.
-Backward (FA2 recompute, deterministic, no atomics):
+Backward (FA2 recompute; by default deterministic, no atomics):
     δ = rowsum(dO ∘ O)                                         (_attn_bwd_preprocess_kernel)
     p = 2^(s − lse),  dV = pᵀ dO,  dP = dO vᵀ,  dS = p ∘ (dP − δ),  dK̃ = scale · dSᵀ q̃
                                                                (_attn_bwd_dkdv_kernel: owns a k-block)
     dQ̃ = scale · dS k̃                                         (_attn_bwd_dq_kernel: owns a q-block)
+The dQ kernel recomputes q·kᵀ and dO·vᵀ: 7 matmuls per (q-block, k-block) pair, against 2 in the forward.
+With deterministic=False the dK/dV kernel also computes dQ̃ᵀ += k̃ᵀ·dSᵀ (5 matmuls per pair) and adds it into a
+float32 (heads, channels, tokens) buffer with atomic adds (`_atomic_add_dot_t`), and `_attn_bwd_dq_store_kernel`
+scales it, rotates it back and stores it; the order of the additions, so dQ's rounding, varies between runs.
 Rotary embedding (rotate-half, Qwen2-VL), fused where it is cheap: the forward rotates q and k once with
 the RoPE kernel (`rope.py`) into q̃, k̃, which autograd keeps for the backward; the backward kernels load
 them as they are and apply the conjugate rotation to dQ̃, dK̃ in registers just before the store (each
@@ -288,6 +292,40 @@ def _dot_acc(p, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _transpose_chunks(x):
+    """The tuple of x's tiles, each transposed."""
+    out = ()
+    for c in tl.static_range(len(x)):
+        out = out + (tl.trans(x[c]),)
+    return out
+
+
+@triton.jit
+def _atomic_add_dot_t(ACC, stride_acc_chan, rows, mask_rows, b_t, p, DOT_PRECISION: tl.constexpr):
+    """ACC[channels, rows] += (b_t[c]·p for each chunk c), b_t[c] (WIDTH, n), p (n, len(rows)), with atomic
+    adds: ACC is float32 (channels, tokens), the chunks stacked along the channels in the plan's order and
+    layout (a pair chunk interleaved as `_load_chunk` loads it), tokens contiguous."""
+    channel = 0
+    for c in tl.static_range(len(b_t)):
+        part = tl.dot(b_t[c], p, input_precision=DOT_PRECISION)  # (WIDTH, len(rows))
+        ptr = ACC + (channel + tl.arange(0, b_t[c].shape[0]))[:, None] * stride_acc_chan + rows[None, :]
+        tl.atomic_add(ptr, part, mask=mask_rows[None, :], sem="relaxed")
+        channel += b_t[c].shape[0]
+
+
+@triton.jit
+def _load_acc_chunks(ACC, stride_acc_chan, rows, mask_rows, CHUNKS: tl.constexpr):
+    """`_atomic_add_dot_t`'s float32 accumulator at `rows`, as the plan's (len(rows), WIDTH) tiles."""
+    tiles = ()
+    channel = 0
+    for c in tl.static_range(len(CHUNKS)):
+        ptr = ACC + (channel + tl.arange(0, CHUNKS[c][3]))[:, None] * stride_acc_chan + rows[None, :]
+        tiles = tiles + (tl.trans(tl.load(ptr, mask=mask_rows[None, :], other=0.0)),)
+        channel += CHUNKS[c][3]
+    return tiles
+
+
+@triton.jit
 def _store_chunks(X, stride_x_tok, rows, mask_rows, tiles, scale, CHUNKS: tl.constexpr):
     """Store float32 tiles split by the plain-channel plan CHUNKS, times `scale` (a scalar, or a (rows, 1)
     column that scales each row), into X's `rows`, in X's dtype."""
@@ -453,8 +491,8 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    # pointers
-    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
+    # pointers (DQ_ACC: float32 (heads, ACC_CHANNELS, total_tokens), read only with ACCUMULATE_DQ)
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, COS, SIN,
     # varlen metadata
     CU_SEQLENS, CU_BLOCKS, num_seqs, num_heads, total_tokens,
     # strides in units of ALIGN elements, the tables' (stride_cs_tok) in units of TABLE_ALIGN
@@ -465,9 +503,12 @@ def _attn_bwd_dkdv_kernel(
     # constexprs
     ROT_HALF: tl.constexpr, QK_CHUNKS: tl.constexpr, V_CHUNKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, TABLE_ALIGN: tl.constexpr,
+    ACCUMULATE_DQ: tl.constexpr, ACC_CHANNELS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program owns a k-block of one head: dK, dV accumulate in registers over the sequence's q-blocks."""
+    """One program owns a k-block of one head: dK, dV accumulate in registers over the sequence's q-blocks.
+    With ACCUMULATE_DQ (the non-deterministic backward) it also adds its share of dQ̃ᵀ = k̃ᵀ·dSᵀ (unscaled) into
+    DQ_ACC with atomics, for `_attn_bwd_dq_store_kernel`."""
     valid, seq_start, seqlen, block, head = _find_work_item(CU_SEQLENS, CU_BLOCKS, num_seqs, num_heads,
                                                             BLOCK_N)
     if not valid:
@@ -487,6 +528,7 @@ def _attn_bwd_dkdv_kernel(
     DV += head * stride_dv_head + seq_start * stride_dv_tok
     LSE += head * total_tokens + seq_start
     DELTA += head * total_tokens + seq_start
+    DQ_ACC += head * ACC_CHANNELS * total_tokens + seq_start
     COS += seq_start * stride_cs_tok
     SIN += seq_start * stride_cs_tok
 
@@ -496,6 +538,8 @@ def _attn_bwd_dkdv_kernel(
     v = _load_chunks(V, stride_v_tok, offs_n, mask_n, ROT_HALF, V_CHUNKS)
     dk = _zero_chunks(BLOCK_N, QK_CHUNKS)
     dv = _zero_chunks(BLOCK_N, V_CHUNKS)
+    if ACCUMULATE_DQ:
+        k_t = _transpose_chunks(k)  # k̃ᵀ chunks: the loop's dQ̃ᵀ products need no transposed dS
 
     for start_m in range(0, seqlen, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -510,6 +554,8 @@ def _attn_bwd_dkdv_kernel(
         dp_t, dv = _load_dot_t_acc(v, DO, stride_do_tok, offs_m, mask_m, p_t, dv, ROT_HALF, V_CHUNKS, DOT_PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
         dk = _dot_acc(ds_t, q, dk, DOT_PRECISION)
+        if ACCUMULATE_DQ:
+            _atomic_add_dot_t(DQ_ACC, total_tokens, offs_m, mask_m, k_t, ds_t, DOT_PRECISION)
 
     _store_grad_chunks(DK, stride_dk_tok, offs_n, mask_n, dk, softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
                        QK_CHUNKS)
@@ -574,6 +620,29 @@ def _attn_bwd_dq_kernel(
 
     _store_grad_chunks(DQ, stride_dq_tok, offs_m, mask_m, dq, softmax_scale, COS, SIN, stride_cs_tok, ROT_HALF,
                        QK_CHUNKS)
+
+
+@triton.jit
+def _attn_bwd_dq_store_kernel(
+    DQ_ACC, DQ, COS, SIN,
+    total_tokens,
+    stride_dq_tok, stride_dq_head, stride_cs_tok,  # in units of ALIGN and TABLE_ALIGN elements
+    softmax_scale,
+    ROT_HALF: tl.constexpr, QK_CHUNKS: tl.constexpr, ACC_CHANNELS: tl.constexpr,
+    ALIGN: tl.constexpr, TABLE_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """dQ of the non-deterministic backward: the float32 dQ̃ that `_attn_bwd_dkdv_kernel` accumulated, scaled,
+    rotated back and stored in dQ's dtype; grid (cdiv(total_tokens, BLOCK_T), heads)."""
+    stride_dq_tok, stride_dq_head = stride_dq_tok * ALIGN, stride_dq_head * ALIGN
+    stride_cs_tok = stride_cs_tok * TABLE_ALIGN
+    head = tl.program_id(1).to(tl.int64)
+    first = tl.program_id(0).to(tl.int64) * BLOCK_T  # folded into the base pointers: row offsets stay int32
+    rows = tl.arange(0, BLOCK_T)
+    mask = rows < total_tokens - first
+    dq = _load_acc_chunks(DQ_ACC + head * ACC_CHANNELS * total_tokens + first, total_tokens, rows, mask, QK_CHUNKS)
+    _store_grad_chunks(DQ + head * stride_dq_head + first * stride_dq_tok, stride_dq_tok, rows, mask, dq,
+                       softmax_scale, COS + first * stride_cs_tok, SIN + first * stride_cs_tok, stride_cs_tok,
+                       ROT_HALF, QK_CHUNKS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -679,6 +748,11 @@ def _work_grid(total_tokens: int, num_seqs: int, num_heads: int, block: int) -> 
 _FWD_SHAPES = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
 _DKDV_SHAPES = [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 2), (64, 16, 4, 2)]
 _DQ_SHAPES = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2)]
+# The dK/dV kernel that also adds dQ (deterministic=False) holds a (WIDTH, BLOCK_M) product more, and the 4-warp
+# tiles above spill 120-1680 B there on sm_90 (d64-d128). These are the tiles that do not, at d64-d88 on sm_90
+# (8 warps: half the registers per thread); 128 owned rows first, which halve the atomics per dQ element against
+# 64. The last, 64x16 with 8 warps, is spill-free on sm_80 at d64-d88 (24 B at d128; every tile spills there).
+_DKDV_ATOMIC_SHAPES = [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2)]
 # FINEVIT_ATTENTION_TUNING=wide adds candidates outside these lists (larger tiles that spill a little,
 # other pipeline depths): a tuning sweep for GPU runs (bench/gpu_check.sh), read at import.
 if os.environ.get("FINEVIT_ATTENTION_TUNING") == "wide":
@@ -686,9 +760,13 @@ if os.environ.get("FINEVIT_ATTENTION_TUNING") == "wide":
                                  (64, 128, 4, 3), (128, 64, 4, 3)]
     _DKDV_SHAPES = _DKDV_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
     _DQ_SHAPES = _DQ_SHAPES + [(128, 32, 8, 3), (128, 32, 4, 4), (64, 64, 8, 2)]
+    _DKDV_ATOMIC_SHAPES = _DKDV_ATOMIC_SHAPES + [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
 _KEYS = ["head_dim", "max_seqlen_bucket", "ROT_HALF", "QK_CHUNKS", "ALIGN"]  # rotary layout changes the best tile
 _attn_fwd_tuned = autotune(configs(["BLOCK_M", "BLOCK_N"], _FWD_SHAPES), key=_KEYS)(_attn_fwd_kernel)
 _attn_bwd_dkdv_tuned = autotune(configs(["BLOCK_N", "BLOCK_M"], _DKDV_SHAPES), key=_KEYS)(_attn_bwd_dkdv_kernel)
+# restore_value: with ACCUMULATE_DQ the kernel adds into DQ_ACC, which the tuning runs must not do.
+_attn_bwd_dkdv_atomic_tuned = autotune(configs(["BLOCK_N", "BLOCK_M"], _DKDV_ATOMIC_SHAPES), key=_KEYS,
+                                       restore_value=["DQ_ACC"])(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq_tuned = autotune(configs(["BLOCK_M", "BLOCK_N"], _DQ_SHAPES), key=_KEYS)(_attn_bwd_dq_kernel)
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}  # the one tile the interpreter runs
 
@@ -707,10 +785,11 @@ def _common(q, rotary_dim, softmax_scale):
 @triton_op("finevit::varlen_attention_fwd", mutates_args=())
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-    cos: torch.Tensor | None, sin: torch.Tensor | None, softmax_scale: float,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, softmax_scale: float, deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward launcher: returns o (total_tokens, heads, head_dim), lse float32 (heads, total_tokens) and,
-    with cos/sin, the rotated q̃ and k̃ (contiguous, for the backward; empty without cos/sin)."""
+    with cos/sin, the rotated q̃ and k̃ (contiguous, for the backward; empty without cos/sin). `deterministic`
+    is the backward's (`attention_bwd`), kept for it by autograd."""
     total_tokens, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens.shape[0] - 1
     if cos is not None:
@@ -742,10 +821,12 @@ def attention_fwd(
 def attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     cu_seqlens: torch.Tensor, max_seqlen: int, cos: torch.Tensor | None, sin: torch.Tensor | None,
-    softmax_scale: float,
+    softmax_scale: float, deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward launcher: δ preprocess, then the dK/dV and dQ kernels. With cos/sin, q and k are the
-    rotated q̃, k̃ of the forward and the returned dq, dk are w.r.t. the unrotated q, k. Returns dq, dk, dv."""
+    """Backward launcher: δ preprocess, then the dK/dV and dQ kernels (deterministic), or the dK/dV kernel that
+    also adds dQ̃ into a float32 buffer with atomics and a pass that stores it (not deterministic: the order of
+    the additions varies). With cos/sin, q and k are the rotated q̃, k̃ of the forward and the returned dq, dk
+    are w.r.t. the unrotated q, k. Returns dq, dk, dv."""
     total_tokens, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens.shape[0] - 1
     rotary_dim = 2 * cos.shape[1] if cos is not None else 0
@@ -782,29 +863,41 @@ def attention_bwd(
     def grid_q(meta):
         return _work_grid(total_tokens, num_seqs, num_heads, meta["BLOCK_M"])
 
+    acc_channels = matmul_channels(head_dim, rotary_dim)
+    dq_acc = (q.new_empty(0, dtype=torch.float32) if deterministic
+              else torch.zeros((num_heads, acc_channels, total_tokens), dtype=torch.float32, device=q.device))
     _dispatch.launch(
-        _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_kernel, grid_kv,
-        q, k, v, do, lse, delta, dk, dv, cos, sin, *shared,
+        _attn_bwd_dkdv_tuned if deterministic else _attn_bwd_dkdv_atomic_tuned, _attn_bwd_dkdv_kernel, grid_kv,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, cos, sin, *shared,
         *dkdv_strides, stride_cs // table_align, *scalars,
-        **plan, ALIGN=align, TABLE_ALIGN=table_align, interpreter_blocks=_INTERPRETER_BLOCKS,
+        **plan, ALIGN=align, TABLE_ALIGN=table_align, ACCUMULATE_DQ=not deterministic, ACC_CHANNELS=acc_channels,
+        interpreter_blocks=_INTERPRETER_BLOCKS,
     )
-    _dispatch.launch(
-        _attn_bwd_dq_tuned, _attn_bwd_dq_kernel, grid_q,
-        q, k, v, do, lse, delta, dq, cos, sin, *shared,
-        *dq_strides, stride_cs // table_align, *scalars,
-        **plan, ALIGN=align, TABLE_ALIGN=table_align, interpreter_blocks=_INTERPRETER_BLOCKS,
-    )
+    if deterministic:
+        _dispatch.launch(
+            _attn_bwd_dq_tuned, _attn_bwd_dq_kernel, grid_q,
+            q, k, v, do, lse, delta, dq, cos, sin, *shared,
+            *dq_strides, stride_cs // table_align, *scalars,
+            **plan, ALIGN=align, TABLE_ALIGN=table_align, interpreter_blocks=_INTERPRETER_BLOCKS,
+        )
+    else:
+        block_t = 32 if _dispatch.interpreting() else 64
+        wrap_triton(_attn_bwd_dq_store_kernel)[(triton.cdiv(total_tokens, block_t), num_heads)](
+            dq_acc, dq, cos, sin, total_tokens, dq_strides[-2], dq_strides[-1], stride_cs // table_align,
+            softmax_scale, ROT_HALF=plan["ROT_HALF"], QK_CHUNKS=plan["QK_CHUNKS"], ACC_CHANNELS=acc_channels,
+            ALIGN=align, TABLE_ALIGN=table_align, BLOCK_T=block_t,
+        )
     return dq, dk, dv
 
 
 @attention_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, cos, sin, softmax_scale):
+def _(q, k, v, cu_seqlens, max_seqlen, cos, sin, softmax_scale, deterministic=True):
     rotated = (torch.empty_like(q), torch.empty_like(k)) if cos is not None else (q.new_empty(0), q.new_empty(0))
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32), *rotated
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, cos, sin, softmax_scale):
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, cos, sin, softmax_scale, deterministic=True):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -814,18 +907,19 @@ def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, cos, sin, softmax_scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, cos, sin, softmax_scale = inputs
+    q, k, v, cu_seqlens, max_seqlen, cos, sin, softmax_scale, deterministic = inputs
     o, lse, q_rot, k_rot = output
     if cos is not None:  # the backward reads the rotated q̃, k̃ the forward computed
         q, k = q_rot, k_rot
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cos, sin)
-    ctx.max_seqlen, ctx.softmax_scale = max_seqlen, softmax_scale
+    ctx.max_seqlen, ctx.softmax_scale, ctx.deterministic = max_seqlen, softmax_scale, deterministic
 
 
 def _backward(ctx, grad_o, grad_lse, grad_q_rot, grad_k_rot):
     q, k, v, o, lse, cu_seqlens, cos, sin = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(grad_o, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, cos, sin, ctx.softmax_scale)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = attention_bwd(grad_o, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, cos, sin, ctx.softmax_scale,
+                               ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -873,6 +967,7 @@ def varlen_attention(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Non-causal attention within each sequence of a packed batch, none across sequences.
 
@@ -886,6 +981,11 @@ def varlen_attention(
             x1' = x1·cos − x2·sin, x2' = x2·cos + x1·sin), the rest pass through; build them with
             `rope_2d_cos_sin` (images) or `rope_1d_cos_sin` (text).
         softmax_scale: defaults to head_dim ** -0.5.
+        deterministic: True (the default): the backward gives bitwise the same gradients on every run, from two
+            kernels that each recompute the attention matrix (no atomics). False: one kernel computes dK, dV
+            and dQ, adding dQ into a float32 buffer with atomics (FlashAttention-2's backward): less work, but
+            the order of the additions, so dQ's last bits, vary from run to run. Ignored (deterministic) while
+            `torch.use_deterministic_algorithms(True)` is set.
     Returns:
         (total_tokens, num_heads, head_dim) in q's dtype, differentiable w.r.t. q, k, v.
     """
@@ -895,4 +995,5 @@ def varlen_attention(
                                           softmax_scale=softmax_scale)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    return attention_fwd(q, k, v, cu_seqlens, max_seqlen, cos, sin, float(softmax_scale))[0]
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    return attention_fwd(q, k, v, cu_seqlens, max_seqlen, cos, sin, float(softmax_scale), deterministic)[0]

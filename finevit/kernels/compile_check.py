@@ -65,6 +65,7 @@ try:  # the import path of GPUTarget moved between triton releases
 except ImportError:  # pragma: no cover
     from triton.compiler.compiler import GPUTarget
 
+from ._autotune import first_error_line
 from ._dispatch import interpreting
 from .utils import cu_seqlens_from_lengths
 
@@ -111,6 +112,7 @@ ALLOWED: tuple[Allowance, ...] = (
         r"^(M128 N64 · 8w 3s|M64 N64 · 4w 3s|M128 N32 · 4w 3s|M64 N32 · 4w 2s"  # forward
         r"|N128 M64 · 8w 3s|N64 M64 · 8w 2s|N64 M32 · 8w 2s"  # dK/dV (owned k rows first)
         r"|N128 M32 · 4w 3s|N64 M64 · 4w 3s"  # dK/dV: the fastest on an H100 at d64 (bench/NOTES.md)
+        r"|N128 M32 · 8w [23]s|N64 M16 · 8w 2s"  # dK/dV adding dQ (deterministic=False)
         r"|N64 M16 · 4w 2s"  # dK/dV, A100's tile: 8 B on sm_80 with triton 3.6 at d32 + RoPE and d80
         r"|M64 N64 · 8w 2s|M64 N32 · 8w 2s)$",  # dQ (and M128 N64 · 8w 3s above)
         fallback=True,
@@ -125,6 +127,12 @@ ALLOWED: tuple[Allowance, ...] = (
         reason="the 128-row backward tiles need 168-209 KB of shared memory on A100 at d128 with RoPE (sm_90 fits "
                "them); there the A100 autotuner skips them (OutOfResources) for the 64-row tiles of the same "
                "list, which fit (checked).",
+    ),
+    Allowance(
+        ("spill",), r"^_attn_bwd_dkdv_kernel$", "", case=r" d128 rope128 atomic-dq$", targets=(80,),
+        reason="the dK/dV kernel that adds dQ (deterministic=False) at head dim 128 on A100: every tile spills (24 B "
+               "at 64x16 with 8 warps, the least), as mma.sync keeps the extra product's operands in registers; the "
+               "deterministic default has spill-free tiles there.",
     ),
     Allowance(
         ("spill", "shared-memory"), _ATTENTION, "", case=r" d256\b",
@@ -189,8 +197,9 @@ class Case:
     run: Callable[[], None]
 
 
-def attention_case(dtype: torch.dtype, head_dim: int, rotary_dim: int = 0) -> Case:
-    """4 heads, a ragged batch of 1, 17, 129 and 256 tokens; rotary on the first `rotary_dim` channels."""
+def attention_case(dtype: torch.dtype, head_dim: int, rotary_dim: int = 0, deterministic: bool = True) -> Case:
+    """4 heads, a ragged batch of 1, 17, 129 and 256 tokens; rotary on the first `rotary_dim` channels;
+    `deterministic=False`: the backward whose dK/dV kernel adds dQ with atomics."""
 
     def run():
         lengths = [1, 17, 129, 256]
@@ -199,11 +208,12 @@ def attention_case(dtype: torch.dtype, head_dim: int, rotary_dim: int = 0) -> Ca
         cos = sin = None
         if rotary_dim:
             cos, sin = (torch.empty(sum(lengths), rotary_dim // 2) for _ in range(2))
-        out = _module("attention").varlen_attention(q, k, v, cu_seqlens, max(lengths), cos=cos, sin=sin)
+        out = _module("attention").varlen_attention(q, k, v, cu_seqlens, max(lengths), cos=cos, sin=sin,
+                                                    deterministic=deterministic)
         out.backward(torch.ones_like(out))
 
     rope = f" rope{rotary_dim}" if rotary_dim else ""
-    return Case("attention", f"{_DTYPE_NAMES[dtype]} d{head_dim}{rope}", run)
+    return Case("attention", f"{_DTYPE_NAMES[dtype]} d{head_dim}{rope}{'' if deterministic else ' atomic-dq'}", run)
 
 
 def patch_embed_case(dtype: torch.dtype, patch: int, uint8: bool, tf32: bool = False) -> Case:
@@ -272,6 +282,7 @@ def quick_cases() -> list[Case]:
     bf16 = torch.bfloat16
     return [
         attention_case(bf16, 80, 80),
+        attention_case(bf16, 80, 80, deterministic=False),
         patch_embed_case(bf16, 14, uint8=True),
         patch_embed_case(torch.float32, 14, uint8=True),
         rope_case(bf16, 80, 80),
@@ -284,6 +295,9 @@ ATTENTION_HEAD_DIMS = (32, 64, 72, 80, 88, 96, 128, 256)  # every distinct chunk
 # fp32 attention ("ieee" dots on FMA units, the exact path) compiles several times slower: fewer head dims,
 # one and two chunks (d80: 64 + 16), rotary and plain.
 ATTENTION_FP32_HEAD_DIMS = (32, 64, 80)
+# The non-deterministic backward (dQ added with atomics by the dK/dV kernel): the vision towers' head dims, with
+# RoPE (the dK/dV kernel's largest form).
+ATOMIC_DQ_HEAD_DIMS = (64, 72, 80, 88, 128)
 
 
 def all_cases() -> list[Case]:
@@ -292,6 +306,7 @@ def all_cases() -> list[Case]:
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     cases = [attention_case(dtype, d, r) for dtype in dtypes[:2] for d in ATTENTION_HEAD_DIMS for r in (0, d)]
     cases += [attention_case(dtype, 128, 64) for dtype in dtypes[:2]]
+    cases += [attention_case(dtype, d, d, deterministic=False) for dtype in dtypes[:2] for d in ATOMIC_DQ_HEAD_DIMS]
     cases += [attention_case(torch.float32, d, r) for d in ATTENTION_FP32_HEAD_DIMS for r in (0, d)]
     cases += [patch_embed_case(dtype, patch, uint8)
               for dtype in dtypes for patch in (14, 16) for uint8 in (True, False)]
@@ -483,8 +498,7 @@ def compile_variant(variant: Variant, target: int, op: str = "", case: str = "")
         compiled = compile_kernel(variant, target)
         usage, sass = _read_cubin(compiled.asm["cubin"])
     except Exception as error:  # noqa: BLE001 - any compiler failure is a finding, reported per config
-        message = str(error).strip()
-        result.error = f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
+        result.error = first_error_line(error)  # a CompilationError's message, not its "at 66:12:" source line
     else:
         result.regs, result.local = usage["REG"], usage["STACK"] + usage["LOCAL"]
         result.shared = compiled.metadata.shared + usage["SHARED"]

@@ -107,12 +107,15 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = num_heads, width // num_heads
         self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
         self.proj = nn.Linear(width, width)
+        # The backward's kind (`varlen_attention(deterministic=...)`): a runtime switch, not part of the config.
+        self.deterministic = True
 
     def forward(self, x, cu_seqlens, max_seqlen: int, cos, sin):
         num_tokens, width = x.shape
         qkv = self.qkv(x).view(num_tokens, 3, self.num_heads, self.head_dim)  # (N, 3, H, Dh)
         q, k, v = qkv.unbind(1)  # each (N, H, Dh), last dim contiguous
-        out = kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, cos=cos, sin=sin)  # (N, H, Dh)
+        out = kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, cos=cos, sin=sin,
+                                       deterministic=self.deterministic)  # (N, H, Dh)
         return self.proj(out.reshape(num_tokens, width))
 
 

@@ -48,12 +48,13 @@ def make_inputs(lengths, heads, head_dim, rotary_dim, dtype, layout="contiguous"
     return low, masters, lowp_torch, cu, cos, sin
 
 
-def check_against_reference(lengths, heads, head_dim, rotary_dim, dtype, softmax_scale=None, layout="contiguous"):
+def check_against_reference(lengths, heads, head_dim, rotary_dim, dtype, softmax_scale=None, layout="contiguous",
+                            deterministic=True):
     low, masters, lowp_torch, cu, cos, sin = make_inputs(lengths, heads, head_dim, rotary_dim, dtype, layout)
     max_seqlen = max(lengths)
     kwargs = dict(cos=cos, sin=sin, softmax_scale=softmax_scale)
 
-    out = attention.varlen_attention(*low, cu, max_seqlen, **kwargs)
+    out = attention.varlen_attention(*low, cu, max_seqlen, **kwargs, deterministic=deterministic)
     ref64 = reference.varlen_attention(*masters, cu, max_seqlen, **kwargs)
     ref_lowp = reference.varlen_attention(*lowp_torch, cu, max_seqlen, **kwargs)
     assert out.dtype == dtype and out.shape == low[0].shape
@@ -150,6 +151,35 @@ def test_attention_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("head_dim", "rotary_dim"), [(32, 32), (64, 0), (72, 72), (88, 88), (128, 64)])
+def test_non_deterministic_backward_matches_reference(head_dim, rotary_dim, dtype):
+    # dQ added by the dK/dV kernel with atomics into a float32 buffer, stored (rotated back) by its own pass.
+    check_against_reference([1, 17, 70, 33], 2, head_dim, rotary_dim, dtype, deterministic=False)
+
+
+def test_non_deterministic_backward_runs_one_kernel_over_the_keys_unless_torch_asks_for_determinism(monkeypatch):
+    launched = []
+    launch = attention._dispatch.launch
+    monkeypatch.setattr(attention._dispatch, "launch", lambda tuned, plain, *a, **kw: (
+        launched.append(plain.__name__), launch(tuned, plain, *a, **kw))[1])
+    low, _, _, cu, cos, sin = make_inputs([6, 11], 2, 72, 72, torch.float32)
+
+    def backward_kernels(deterministic):
+        launched.clear()
+        attention.varlen_attention(*low, cu, 11, cos=cos, sin=sin, deterministic=deterministic).sum().backward()
+        return launched[1:]  # after the forward
+
+    assert backward_kernels(True) == ["_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
+    assert backward_kernels(False) == ["_attn_bwd_dkdv_kernel"]  # then _attn_bwd_dq_store_kernel (not tuned)
+    deterministic_algorithms = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert backward_kernels(False) == ["_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
+    finally:
+        torch.use_deterministic_algorithms(deterministic_algorithms)
+
+
 def test_attention_does_not_attend_across_sequences():
     low, _, _, cu, _, _ = make_inputs([4, 9], 1, 32, 0, torch.float32)
     q, k, v = (x.detach() for x in low)
@@ -179,13 +209,14 @@ def test_attention_ops_have_fake_implementations_for_torch_compile():
         cu = torch.tensor([0, 4, 10], dtype=torch.int32)
         o, lse, q_rot, k_rot = torch.ops.finevit.varlen_attention_fwd(q, q, q, cu, 6, None, None, 0.1)
         dq, dk, dv = torch.ops.finevit.varlen_attention_bwd(o, q, q, q, o, lse, cu, 6, None, None, 0.1)
+        dq_atomic = torch.ops.finevit.varlen_attention_bwd(o, q, q, q, o, lse, cu, 6, None, None, 0.1, False)[0]
         cos = torch.empty(10, 36)
         rotated = torch.ops.finevit.varlen_attention_fwd(q, q, q, cu, 6, cos, cos, 0.1)[2:]
     assert o.shape == q.shape and o.dtype == q.dtype
     assert lse.shape == (2, 10) and lse.dtype == torch.float32
     assert q_rot.numel() == k_rot.numel() == 0  # no RoPE: nothing rotated to keep
     assert all(x.shape == q.shape and x.dtype == q.dtype for x in rotated)  # RoPE: q̃, k̃ kept for the backward
-    assert dq.shape == dk.shape == dv.shape == q.shape
+    assert dq.shape == dk.shape == dv.shape == dq_atomic.shape == q.shape
 
 
 @pytest.mark.parametrize(
@@ -243,10 +274,12 @@ def test_attention_forward_and_backward_never_wait_for_the_host():
     attention.varlen_attention(*low, cu, 64, cos=cos, sin=sin).sum().backward()  # compiles and autotunes first
     for x in low:
         x.grad = None
+    attention.varlen_attention(*low, cu, 64, cos=cos, sin=sin, deterministic=False).sum().backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        attention.varlen_attention(*low, cu, 64, cos=cos, sin=sin).sum().backward()
+        for deterministic in (True, False):
+            attention.varlen_attention(*low, cu, 64, cos=cos, sin=sin, deterministic=deterministic).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
