@@ -103,8 +103,7 @@ from attention import mixed_workload
 from torch import nn
 
 from finevit import kernels
-from finevit.model import FineViT, FineViTConfig
-from finevit.model.vit import Attention
+from finevit.model import FineViT, FineViTConfig, set_attention_deterministic
 
 OURS = "finevit"
 EQUAL_CONTENT_BASELINES = ("timm_padded", "timm_grouped")
@@ -265,9 +264,7 @@ def build_finevit(case: Case, device: torch.device, dtype: torch.dtype, gen: tor
         model = FineViT(case.config)
         model.init_weights()
     model.to(dtype).train()
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.deterministic = deterministic
+    set_attention_deterministic(model, deterministic)
     lengths = case.lengths
     patches = _random_uint8((sum(lengths), case.config.patch_features), device, gen)  # (T, C·P·P)
     positions = torch.cat([

@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:  # `torchrun train/stage1.py` puts train/ first on
 import finevit.kernels as K  # noqa: E402
 from finevit.data import ImageConfig, LoaderConfig, PackedLoader, TextTokenizer  # noqa: E402
 from finevit.data.text import save_tokenizer  # noqa: E402
-from finevit.model import FineCLIP  # noqa: E402
+from finevit.model import FineCLIP, set_attention_deterministic  # noqa: E402
 from train import config as C  # noqa: E402
 from train.checkpoint import ModelState, OptimizerState  # noqa: E402
 from train.common import (  # noqa: E402
@@ -137,6 +137,7 @@ class Trainer(TrainerBase):
         # Model: build on meta, parallelize, materialize.
         with torch.device("meta"):
             clip = FineCLIP(self.model_config)
+        set_attention_deterministic(clip, cfg.training.attention_deterministic)
         self.model = parallelize(clip, self.mesh, activation_checkpoint=cfg.activation_checkpoint.mode,
                                  compile=cfg.compile.enable, param_dtype=cfg.training.param_dtype,
                                  reduce_dtype=cfg.training.reduce_dtype,

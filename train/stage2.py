@@ -54,7 +54,7 @@ if str(REPO) not in sys.path:  # `torchrun train/stage2.py` puts train/ first on
 from finevit.data import ImageConfig, LoaderConfig, PackedLoader, TextTokenizer  # noqa: E402
 from finevit.data.conversations import TASKS, SequenceBuilder, build_batch, prepare_tokenizer  # noqa: E402
 from finevit.data.text import save_tokenizer  # noqa: E402
-from finevit.model import FineCLIP, FineViT  # noqa: E402
+from finevit.model import FineCLIP, FineViT, set_attention_deterministic  # noqa: E402
 from finevit.model.pretrained import CONFIG_NAME  # noqa: E402
 from finevit.model.vlm import (  # noqa: E402
     IGNORE_INDEX,
@@ -239,6 +239,7 @@ class Trainer(TrainerBase):
         self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.merger_params = sum(p.numel() for p in model.merger.parameters())
         self.llm_config = model.llm.config
+        set_attention_deterministic(model, cfg.training.attention_deterministic)  # the encoder's (the LLM's are HF's)
         self.model = parallelize_vlm(model, self.mesh, activation_checkpoint=cfg.activation_checkpoint.mode,
                                      compile=cfg.compile.enable, param_dtype=cfg.training.param_dtype,
                                      reduce_dtype=cfg.training.reduce_dtype,

@@ -2,6 +2,7 @@
 
 from .clip import FineCLIP, FineCLIPConfig
 from .text import TextConfig, TextEncoder
-from .vit import VIT_PRESETS, FineViT, FineViTConfig
+from .vit import VIT_PRESETS, FineViT, FineViTConfig, set_attention_deterministic
 
-__all__ = ["FineViT", "FineViTConfig", "VIT_PRESETS", "TextEncoder", "TextConfig", "FineCLIP", "FineCLIPConfig"]
+__all__ = ["FineViT", "FineViTConfig", "VIT_PRESETS", "TextEncoder", "TextConfig", "FineCLIP", "FineCLIPConfig",
+           "set_attention_deterministic"]

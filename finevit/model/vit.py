@@ -119,6 +119,15 @@ class Attention(nn.Module):
         return self.proj(out.reshape(num_tokens, width))
 
 
+def set_attention_deterministic(model: nn.Module, deterministic: bool) -> None:
+    """The attention backward of every `Attention` layer in `model` (`varlen_attention(deterministic=...)`): True,
+    the default, two kernels and bitwise-reproducible gradients; False, one pass over the keys that adds dQ with
+    atomics (less work; dQ's last bits vary between runs)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.deterministic = deterministic
+
+
 class MLP(nn.Module):
     """fc2(act(fc1(x))): GELU (tanh approximation, as SigLIP) or SwiGLU (fc1 yields gate and value)."""
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from finevit import kernels
-from finevit.model import FineCLIP, FineCLIPConfig, FineViTConfig, TextConfig
+from finevit.model import FineCLIP, FineCLIPConfig, FineViTConfig, TextConfig, set_attention_deterministic
 
 from .helpers import image_args, make_image_batch, make_text_batch, text_args
 
@@ -161,6 +161,21 @@ def test_forward_matches_encode_image_and_encode_text():
     img, txt = model(image_batch, text_batch)
     torch.testing.assert_close(img, model.encode_image(*image_args(image_batch)), rtol=0, atol=0)
     torch.testing.assert_close(txt, model.encode_text(*text_args(text_batch)), rtol=0, atol=0)
+
+
+def test_set_attention_deterministic_reaches_every_attention_call_of_both_towers(monkeypatch):
+    seen = []
+    attention = kernels.varlen_attention
+    monkeypatch.setattr(kernels, "varlen_attention", lambda *args, deterministic=True, **kwargs: (
+        seen.append(deterministic), attention(*args, deterministic=deterministic, **kwargs))[1])
+    torch.manual_seed(0)
+    model = tiny_clip()
+    image_batch, text_batch = batches(model)
+    calls = 2 * model.config.vision.depth + 2 * model.config.text.depth  # forward of each tower's layers, twice
+    model(image_batch, text_batch)
+    set_attention_deterministic(model, False)
+    model(image_batch, text_batch)
+    assert seen == [True] * (calls // 2) + [False] * (calls // 2)
 
 
 # ----------------------------------------------------------------------------------------------------
