@@ -108,10 +108,15 @@ def arms_needed(comparisons: list[str]) -> list[str]:
 
 
 def torchrun(script: str, arguments: list[str], log: Path, nproc: int) -> float:
-    """Run `script` under torchrun, its output appended to `log`; returns the wall time in seconds."""
+    """Run `script` under torchrun, its output appended to `log`; returns the wall time in seconds.
+
+    `--max-restarts=1`: a rank that dies restarts the group once, and the trainer resumes from its last checkpoint
+    (a run that had finished evaluates and exports again). A transient failure then costs minutes, not the
+    experiment; a real bug fails twice, and the log keeps both attempts. (CI saw one once: a rank of a smoke
+    run died of SIGABRT, cause not logged; the trainers now print every thread's stack on such a signal.)"""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO / "train" / script), *arguments]
+               "--max-restarts=1", str(REPO / "train" / script), *arguments]
     started = time.perf_counter()
     with open(log, "a") as f:
         f.write("$ " + " ".join(command) + "\n")

@@ -6,7 +6,7 @@ import json
 import sys
 
 from tests.train.helpers import REPO, run_group
-from train.fidelity import README_END, README_START, failure_excerpt, readme_block
+from train.fidelity import README_END, README_START, failure_excerpt, parse_args, readme_block, run_arm
 
 ARMS = {"dense", "short", "square", "stage2", "dense_before_stage2"}
 
@@ -71,3 +71,13 @@ def test_a_failed_runs_excerpt_shows_the_ranks_cause_not_only_torchruns_report()
     assert "step 50/400 | loss 6.5" not in excerpt
     # A log whose only failure lines are torchrun's report: just its end.
     assert failure_excerpt("\n".join(steps + report)).splitlines() == (steps + report)[-30:]
+
+
+def test_an_arm_whose_rank_dies_restarts_once_and_resumes(tmp_path, synth_root):
+    # The trainer's fault injection kills the last rank at step 3 of the first attempt only (debug.fault).
+    args = parse_args(["--out", str(tmp_path), "--smoke", "--data-root", str(synth_root),
+                       "--stage1-args=--debug.fault=step:3"])
+    run = run_arm("dense", 0, args)
+    log = (tmp_path / "runs" / "dense-s0.log").read_text()
+    assert "injected fault, SIGKILL at step 3" in log and "resum" in log.lower(), log[-3000:]
+    assert not run["reused"] and run["metrics"]
