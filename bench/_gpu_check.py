@@ -192,19 +192,24 @@ def repro(path: str) -> list[str]:
               for r in rows if r.get("share_of_limit")]
     if shares:
         worst, row = max(shares, key=lambda s: s[0])
-        key += (f"; worst d{row['head_dim']} {'rope' if row['rope'] else 'plain'} {row['dtype']} at "
-                f"{_fmt(worst, 2)} of its limit")
-    details = [f"{'case':<17} " + " ".join(f"{t:>19}" for t in ("out", "dq", "dk", "dv"))
+        key += f"; worst {_repro_label(row)} at {_fmt(worst, 2)} of its limit"
+    details = [f"{'case':<21} " + " ".join(f"{t:>19}" for t in ("out", "dq", "dk", "dv"))
                + "  status   (max rel error: ours / PyTorch same dtype)"]
     for r in rows:
-        label = f"d{r['head_dim']} {'rope' if r['rope'] else 'plain'} {r['dtype']}"
+        label = _repro_label(r)
         if "ours" in r:
             cells = " ".join(f"{_fmt(r['ours'][t], 2) + ' / ' + _fmt(r['torch'][t], 2):>19}"
                              for t in ("out", "dq", "dk", "dv"))
-            details.append(f"{label:<17} {cells}  {r['status']}")
+            details.append(f"{label:<21} {cells}  {r['status']}")
         else:
-            details.append(f"{label:<17} {r.get('status')}: {r.get('error', '')[:160]}")
+            details.append(f"{label:<21} {r.get('status')}: {r.get('error', '')[:160]}")
     return [key, *details]
+
+
+def _repro_label(row: dict) -> str:
+    """e.g. "d72 rope bf16 ato": head dim, RoPE, dtype, backward (det: deterministic, ato: atomic)."""
+    return (f"d{row['head_dim']} {'rope' if row['rope'] else 'plain'} {row['dtype']} "
+            f"{row.get('backward', 'deterministic')[:3]}")
 
 
 def sanitizer(path: str, repro_json: str | None = None) -> list[str]:

@@ -1,11 +1,14 @@
 """Forward + backward of `finevit.kernels.varlen_attention` on its Triton kernels against float64, one line per case.
 
     python bench/attention_repro.py [--device cuda|cpu] [--dtypes bf16,fp16,fp32] [--head-dims 64,72,80,88,128]
-                                    [--tokens 1000,777,1223] [--heads 4] [--json PATH] [--skew-scale F]
+                                    [--tokens 1000,777,1223] [--heads 4] [--backwards deterministic,atomic]
+                                    [--json PATH] [--skew-scale F]
 
-Cases: every head dim x (without, with 2D RoPE) x dtype. Each case draws float64 q, k, v and an output gradient,
-rounds them to the dtype, and runs the same rounded values three times: our op (the public
-`finevit.kernels.varlen_attention` with FINEVIT_KERNELS=triton, so the Triton kernels run or the script fails),
+Cases: every head dim x (without, with 2D RoPE) x dtype x backward (`deterministic`, the default kernels, and
+`atomic`, varlen_attention(deterministic=False): dQ added with atomics by the dK/dV kernel). Each case draws
+float64 q, k, v and an output gradient, rounds them to the dtype, and runs the same rounded values three times:
+our op (the public `finevit.kernels.varlen_attention` with FINEVIT_KERNELS=triton, so the Triton kernels run or the
+script fails),
 PyTorch's reference in the same dtype, and the reference in float64. Every run starts from fresh leaves. Errors:
 max |x - x64| / max |x64| of out, dq, dk, dv. The rule is the kernel tests' (tests/kernels/comparisons.py): ours
 <= 2x PyTorch's error for out and <= 3x for the gradients, plus 1e-6; a non-finite value anywhere fails. Outputs of
@@ -39,6 +42,7 @@ DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TENSORS = ("out", "dq", "dk", "dv")
 FACTORS = {"out": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0}  # the kernel tests' factors
 FLOOR = 1e-6
+BACKWARDS = {"deterministic": True, "atomic": False}  # --backwards name -> varlen_attention(deterministic=...)
 DEFAULTS = {
     "cuda": {"dtypes": "bf16", "tokens": "1000,777,1223", "heads": 4},
     "cpu": {"dtypes": "fp32,fp16", "tokens": "33,17,64", "heads": 2},
@@ -66,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", default=None,
                         help="comma-separated sequence lengths (default 1000,777,1223 on cuda, 33,17,64 on cpu)")
     parser.add_argument("--heads", type=int, default=None, help="default 4 on cuda, 2 on cpu")
+    parser.add_argument("--backwards", default="deterministic,atomic",
+                        help="comma-separated of deterministic (two kernels, the default) and atomic "
+                             "(deterministic=False: dQ added with atomics)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--skew-scale", type=float, default=None, metavar="F",
@@ -88,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--dtypes bf16 cannot run with --device cpu: Triton's interpreter cannot multiply bf16 in "
                      "tl.dot (wrong results); use fp16 or fp32 on cpu, bf16 on cuda")
     args.dtypes = names
+    args.backwards = [b.strip() for b in args.backwards.split(",") if b.strip()]
+    if not args.backwards or set(args.backwards) - set(BACKWARDS):
+        parser.error(f"--backwards: choose from {','.join(BACKWARDS)}, got {args.backwards}")
     args.head_dims = _ints(args.head_dims, "--head-dims", parser)
     args.tokens = _ints(args.tokens or defaults["tokens"], "--tokens", parser)
     if min(args.tokens) < 1:
@@ -128,7 +138,8 @@ def rel_error(x, ref) -> float:
     return (x.double() - ref).abs().max().item() / scale
 
 
-def run_case(lengths: list[int], heads: int, head_dim: int, rope: bool, dtype, device, skew: float | None) -> dict:
+def run_case(lengths: list[int], heads: int, head_dim: int, rope: bool, dtype, device, skew: float | None,
+             deterministic: bool = True) -> dict:
     """Errors of our op and of PyTorch's reference in `dtype`, each against float64 on the same rounded inputs."""
     import torch
 
@@ -155,7 +166,8 @@ def run_case(lengths: list[int], heads: int, head_dim: int, rope: bool, dtype, d
         return [t.detach().double() for t in [out, *grads]]
 
     ref = outputs(reference.varlen_attention, torch.float64)
-    ours = outputs(K.varlen_attention, dtype, None if skew is None else skew * head_dim**-0.5)
+    ours = outputs(lambda *a, **kw: K.varlen_attention(*a, **kw, deterministic=deterministic), dtype,
+                   None if skew is None else skew * head_dim**-0.5)
     theirs = outputs(reference.varlen_attention, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -212,33 +224,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokens {','.join(map(str, args.tokens))} · {args.heads} heads · outputs NaN-poisoned: {poisoned} · rule: "
           f"ours <= {FACTORS['out']:g}x PyTorch's error (out), {FACTORS['dq']:g}x (dq, dk, dv), + {FLOOR:g}"
           + (f" · SELF-TEST: our softmax_scale skewed x{args.skew_scale:g}" if args.skew_scale is not None else ""))
-    print(f"{'case':<20} {'ours: out':>10} {'dq':>10} {'dk':>10} {'dv':>10}   {'torch: out':>10} {'dq':>10} "
+    print(f"{'case':<24} {'ours: out':>10} {'dq':>10} {'dk':>10} {'dv':>10}   {'torch: out':>10} {'dq':>10} "
           f"{'dk':>10} {'dv':>10}   status", flush=True)
     rows, failed = [], False
     for dtype_name in args.dtypes:
         dtype = getattr(torch, DTYPE_NAMES[dtype_name])
-        for head_dim in args.head_dims:
-            for rope in (False, True):
-                row = {"head_dim": head_dim, "rope": rope, "dtype": dtype_name}
-                try:
-                    errors = run_case(args.tokens, args.heads, head_dim, rope, dtype, device, args.skew_scale)
-                except Exception as error:  # noqa: BLE001 - a crashing case is a failed case; go on
-                    lines = str(error).strip().splitlines()
-                    row.update(ok=False, status="ERROR", error=f"{type(error).__name__}: {lines[0] if lines else ''}")
-                else:
-                    # each tensor's error over its allowed error; the case is ok when none is above 1
-                    share = {t: errors["ours"][t] / (FACTORS[t] * errors["torch"][t] + FLOOR) for t in TENSORS}
-                    ok = all(value <= 1.0 for value in share.values())
-                    row.update(errors, share_of_limit=share, ok=ok, status="ok" if ok else "TOO LARGE")
-                failed |= not row["ok"]
-                rows.append(row)
-                label = f"d{head_dim} {'rope' if rope else 'plain'} {dtype_name}"
-                if "ours" in row:
-                    print(f"{label:<20} " + " ".join(f"{_fmt(row['ours'][t]):>10}" for t in TENSORS) + "   "
-                          + " ".join(f"{_fmt(row['torch'][t]):>10}" for t in TENSORS) + f"   {row['status']}",
-                          flush=True)
-                else:
-                    print(f"{label:<20} {row['status']}: {row['error']}", flush=True)
+        for head_dim, rope, backward in ((d, r, b) for d in args.head_dims for r in (False, True)
+                                         for b in args.backwards):
+            row = {"head_dim": head_dim, "rope": rope, "dtype": dtype_name, "backward": backward}
+            try:
+                errors = run_case(args.tokens, args.heads, head_dim, rope, dtype, device, args.skew_scale,
+                                  BACKWARDS[backward])
+            except Exception as error:  # noqa: BLE001 - a crashing case is a failed case; go on
+                lines = str(error).strip().splitlines()
+                row.update(ok=False, status="ERROR", error=f"{type(error).__name__}: {lines[0] if lines else ''}")
+            else:
+                # each tensor's error over its allowed error; the case is ok when none is above 1
+                share = {t: errors["ours"][t] / (FACTORS[t] * errors["torch"][t] + FLOOR) for t in TENSORS}
+                ok = all(value <= 1.0 for value in share.values())
+                row.update(errors, share_of_limit=share, ok=ok, status="ok" if ok else "TOO LARGE")
+            failed |= not row["ok"]
+            rows.append(row)
+            label = f"d{head_dim} {'rope' if rope else 'plain'} {dtype_name} {backward[:3]}"
+            if "ours" in row:
+                print(f"{label:<24} " + " ".join(f"{_fmt(row['ours'][t]):>10}" for t in TENSORS) + "   "
+                      + " ".join(f"{_fmt(row['torch'][t]):>10}" for t in TENSORS) + f"   {row['status']}",
+                      flush=True)
+            else:
+                print(f"{label:<24} {row['status']}: {row['error']}", flush=True)
     print(f"{sum(r['ok'] for r in rows)} of {len(rows)} cases ok"
           + ("" if not failed else "; TOO LARGE or ERROR above"))
     if args.json:

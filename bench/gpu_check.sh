@@ -22,7 +22,8 @@
 #                       -n 12 and pytest-timeout --timeout 90 per test when installed, junit xml; the failing test
 #                       ids go to the summary
 #   repro         60 s  bench/attention_repro.py: bf16 forward + backward errors vs float64 at head dims 64, 72, 80,
-#                       88, 128 with and without RoPE, against PyTorch's bf16 error (table in the summary);
+#                       88, 128 with and without RoPE, both backwards (deterministic, and atomic: dQ added with
+#                       atomics), against PyTorch's bf16 error (table in the summary);
 #                       TRITON_CACHE_AUTOTUNING=1 keeps its autotune choices on disk for the next stage
 #   bench_train_step 90 s, bench_attention 90 s, bench_loss 120 s (its 1M-pair probe alone takes ~1 min),
 #                       bench_patch_embed 60 s (both strategies pinned besides the dispatched one), bench_rope 45 s
@@ -55,7 +56,7 @@
 # --full: the benches without --quick (far over the default budget). --cpu or FINEVIT_GPU_CHECK_CPU=1: the CPU mode
 # that CI runs (tests/bench/test_gpu_check.py): CUDA hidden, budget 240 s, each stage's CPU equivalent with small
 # limits (environment with --cpu-smoke ceilings; warm-up: warm_kernels.py in Triton's interpreter and one patch_embed
-# shard; pytest: tests/kernels/test_dispatch.py; repro: fp32 + fp16 at head dim 72 in the interpreter; sanitizer:
+# shard; pytest: tests/kernels/test_dispatch.py; repro: fp16 at head dim 72, both backwards, interpreted; sanitizer:
 # skipped; aot: one tests/aot case; benches: --cpu-smoke).
 # Environment: FINEVIT_GPU_CHECK_BUDGET (s), FINEVIT_GPU_CHECK_STAGES (comma list), FINEVIT_GPU_CHECK_LIMIT_<STAGE>
 # (s, e.g. FINEVIT_GPU_CHECK_LIMIT_PYTEST=120), FINEVIT_GPU_CHECK_XDIST (workers, 0 = none),
@@ -290,7 +291,7 @@ summarise_pytest() { summarise pytest "$work/pytest.log"; }
 
 repro_args() {
   if [ "$cpu" = 1 ]; then
-    echo "--device cpu --dtypes fp32,fp16 --head-dims 72 --tokens 33,17,64 --heads 2"
+    echo "--device cpu --dtypes fp16 --head-dims 72 --tokens 33,17,64 --heads 2"
   else
     echo "--device cuda --dtypes bf16 --head-dims 64,72,80,88,128"
   fi

@@ -6,7 +6,8 @@
 bench/gpu_check.sh starts a few of these processes in parallel, beside the benches' own warm-up shards, before
 the GPU pytest run: a kernel's compiled binary depends on its constexprs (head dim, rotary layout, dtype, tile
 config) and on which integer arguments are divisible by 16, so the cases below repeat the main shapes of
-tests/kernels (attention: lengths 1, 2, 17, 40 with 2 heads at head dims 32-128, with and without RoPE; RoPE;
+tests/kernels (attention: lengths 1, 2, 17, 40 with 2 heads at head dims 32-128, with and without RoPE, and the backward
+with atomics in fp16/bf16; RoPE;
 patch embedding on uint8 and float patches, P 14 and 16; both losses at B x D from 1 x 16 to 17 x 1152). On GPU
 autotuning compiles every candidate config of a launch, so one call per case compiles all of them; the tests
 then load them from the on-disk cache. Calls go through the public ops with FINEVIT_KERNELS=triton.
@@ -28,6 +29,7 @@ from attention_repro import DTYPE_NAMES, select_triton_path  # noqa: E402  (impo
 
 ATTENTION_HEAD_DIMS = (32, 64, 72, 80, 88, 96, 128)  # tests/kernels/test_attention_kernel.py HEAD_DIMS
 ATTENTION_LENGTHS = (1, 2, 17, 40)
+ATOMIC_HEAD_DIMS = (32, 64, 72, 80, 88, 128)  # test_non_deterministic_backward_matches_reference, attention_repro.py
 ROPE_SHAPES = ((17, 2, 72, 72), (129, 3, 80, 80), (17, 3, 88, 88), (129, 2, 128, 128), (17, 2, 88, 40))
 PATCH_SHAPES = ((3, 14), (1, 14), (3, 16), (1, 16))  # (channels, patch)
 LOSS_SHAPES = ((1, 16), (7, 64), (129, 96), (33, 768), (17, 1152))
@@ -37,13 +39,17 @@ CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.261302
 def cases(device: str, dtypes: list[str]) -> list[tuple]:
     """(op, dtype, shape) of every warm-up call; attention first, the most expensive compiles."""
     if device == "cpu":  # the script's self-check: one tiny call per op
-        return [("attention", d, (64, True)) for d in dtypes] + [
+        return [("attention", d, (64, True, True)) for d in dtypes] + [("attention", dtypes[0], (64, True, False))] + [
             ("rope", dtypes[0], (17, 2, 72, 72)), ("patch_embed", dtypes[0], (3, 16, True, True)),
             ("siglip", dtypes[0], (7, 64)), ("clip", dtypes[0], (7, 64))]
     # fp32 attention first: its "ieee" kernels take the longest to compile (bench/NOTES.md: 5-15 s per config), and
     # shards take every n-th case, so each shard gets its share of them
     ordered = sorted(dtypes, key=lambda d: d != "fp32")
-    found = [("attention", d, (h, rope)) for d in ordered for h in ATTENTION_HEAD_DIMS for rope in (False, True)]
+    found = [("attention", d, (h, rope, True)) for d in ordered for h in ATTENTION_HEAD_DIMS for rope in (False, True)]
+    # the backward that adds dQ with atomics (deterministic=False): the dtypes training uses, for the kernel tests,
+    # attention_repro.py and the benches
+    found += [("attention", d, (h, rope, False)) for d in ordered if d != "fp32" for h in ATOMIC_HEAD_DIMS
+              for rope in (False, True)]
     found += [("rope", d, s) for d in dtypes for s in ROPE_SHAPES]
     found += [("patch_embed", d, (c, p, uint8, bias)) for d in dtypes for c, p in PATCH_SHAPES
               for uint8 in (True, False) for bias in (True, False)]
@@ -59,14 +65,14 @@ def run(op: str, dtype, shape: tuple, device) -> None:
     import finevit.kernels as K
 
     if op == "attention":
-        head_dim, rope = shape
+        head_dim, rope, deterministic = shape
         total = sum(ATTENTION_LENGTHS)
         q, k, v = (torch.randn(total, 2, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         cos = sin = None
         if rope:
             cos, sin = K.rope_2d_cos_sin(torch.randint(0, 64, (total, 2), device=device), head_dim)
         cu = K.cu_seqlens_from_lengths(list(ATTENTION_LENGTHS)).to(device)
-        out = K.varlen_attention(q, k, v, cu, max(ATTENTION_LENGTHS), cos=cos, sin=sin)
+        out = K.varlen_attention(q, k, v, cu, max(ATTENTION_LENGTHS), cos=cos, sin=sin, deterministic=deterministic)
     elif op == "rope":
         tokens, heads, head_dim, rotary = shape
         q = torch.randn(tokens, heads, head_dim, device=device, dtype=dtype, requires_grad=True)

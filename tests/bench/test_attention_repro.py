@@ -27,7 +27,7 @@ def run_repro(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedP
 
 
 def case_lines(stdout: str) -> dict[str, str]:
-    return {" ".join(line.split()[:3]): line for line in stdout.splitlines() if line.startswith("d")}
+    return {" ".join(line.split()[:4]): line for line in stdout.splitlines() if line.startswith("d")}
 
 
 def test_cpu_run_checks_every_case_on_the_triton_kernels_and_writes_the_rows(tmp_path):
@@ -37,17 +37,19 @@ def test_cpu_run_checks_every_case_on_the_triton_kernels_and_writes_the_rows(tmp
     assert "varlen_attention: triton" in proc.stdout  # the Triton kernels, not the reference
     assert "outputs NaN-poisoned: True" in proc.stdout
 
-    expected = {f"d{d} {rope} {dtype}" for d in (64, 72) for rope in ("plain", "rope") for dtype in ("fp16", "fp32")}
+    expected = {f"d{d} {rope} {dtype} {backward}" for d in (64, 72) for rope in ("plain", "rope")
+                for dtype in ("fp16", "fp32") for backward in ("det", "ato")}  # deterministic, atomic
     lines = case_lines(proc.stdout)
     assert set(lines) == expected, proc.stdout
     assert all(line.endswith(" ok") for line in lines.values()), proc.stdout
-    assert "8 of 8 cases ok" in proc.stdout
+    assert "16 of 16 cases ok" in proc.stdout
 
     payload = json.loads(json_path.read_text())
     assert payload["ok"] is True and payload["env"]["device"] == "cpu"
     assert payload["config"]["implementation"] == "triton"
     rows = payload["rows"]
-    assert {f"d{r['head_dim']} {'rope' if r['rope'] else 'plain'} {r['dtype']}" for r in rows} == expected
+    assert {f"d{r['head_dim']} {'rope' if r['rope'] else 'plain'} {r['dtype']} {r['backward'][:3]}"
+            for r in rows} == expected
     for r in rows:
         assert r["ok"] is True and r["status"] == "ok"
         for tensor in ("out", "dq", "dk", "dv"):
@@ -60,10 +62,11 @@ def test_cpu_run_checks_every_case_on_the_triton_kernels_and_writes_the_rows(tmp
 
 def test_a_skewed_softmax_scale_in_our_kernel_is_reported_too_large_and_fails(tmp_path):
     json_path = tmp_path / "repro.json"
-    proc = run_repro(*SMALL, "--dtypes", "fp32", "--head-dims", "64", "--skew-scale", "1.02", "--json", str(json_path))
+    proc = run_repro(*SMALL, "--dtypes", "fp32", "--head-dims", "64", "--skew-scale", "1.02", "--backwards", "atomic",
+                     "--json", str(json_path))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = case_lines(proc.stdout)
-    assert set(lines) == {"d64 plain fp32", "d64 rope fp32"}
+    assert set(lines) == {"d64 plain fp32 ato", "d64 rope fp32 ato"}
     assert all(line.endswith("TOO LARGE") for line in lines.values()), proc.stdout
     payload = json.loads(json_path.read_text())
     assert payload["ok"] is False and payload["config"]["skew_scale"] == 1.02

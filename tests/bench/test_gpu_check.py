@@ -116,7 +116,7 @@ def test_every_stage_reports_once_and_a_hanging_stage_is_cut_while_the_rest_stil
     assert re.search(r"2 processes: 2 finished, 0 stopped .* 0 failed", lines["warmup"]["key"])
     assert re.fullmatch(r"[1-9]\d* passed in [\d.]+s", lines["pytest"]["key"]), lines["pytest"]["key"]  # all passed
     assert lines["repro"]["key"].startswith("4 of 4 cases ok")
-    for case in ("d72 plain fp32", "d72 rope fp32", "d72 plain fp16", "d72 rope fp16"):
+    for case in ("d72 plain fp16 det", "d72 rope fp16 det", "d72 plain fp16 ato", "d72 rope fp16 ato"):
         assert re.search(rf"^    {case} .* ok$", text, re.M), case
     for bench in ("train_step",):
         assert re.match(rf"{bench}_cpu_\S+\.json: \d+ results ok", lines[f"bench_{bench}"]["key"])
