@@ -120,7 +120,7 @@ def test_every_stage_reports_once_and_a_hanging_stage_is_cut_while_the_rest_stil
         assert re.search(rf"^    {case} .* ok$", text, re.M), case
     for bench in ("train_step",):
         assert re.match(rf"{bench}_cpu_\S+\.json: \d+ results ok", lines[f"bench_{bench}"]["key"])
-    assert re.search(r"^\[bench_train_step\].*\n    Targets \(issue 6.*\n(    .*\n)*    host syncs per step: tiny ",
+    assert re.search(r"^\[bench_train_step\].*\n    Targets \(issue 18.*\n(    .*\n)*    host syncs per step: tiny ",
                      text, re.M), text
     assert re.search(r"^result: FAILED · 0 failed, 1 cut, 0 skipped for lack of time \(bench_patch_embed\)", text, re.M)
 
