@@ -106,9 +106,7 @@ class Training:
     param_dtype: str = "auto"  # FSDP compute dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16"
     reduce_dtype: str = "float32"  # dtype of the gradient reduce-scatter
     threads: int = 0  # torch threads per process on CPU; 0: CPU cores / local processes
-    # The attention backward: true, two kernels, no atomics, bitwise-reproducible gradients; false, dQ added with
-    # atomics in one pass over the keys (less work, dQ's last bits vary). job.deterministic forces true.
-    attention_deterministic: bool = True
+    attention_deterministic: bool = True  # attention backward: no atomics (true), or dQ added with atomics (faster)
 
 
 @dataclass
