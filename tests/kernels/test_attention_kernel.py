@@ -180,6 +180,14 @@ def test_non_deterministic_backward_runs_one_kernel_over_the_keys_unless_torch_a
         torch.use_deterministic_algorithms(deterministic_algorithms)
 
 
+def test_non_deterministic_backward_refuses_more_tokens_than_its_int32_buffer_offsets_reach():
+    tokens = 2**31 // 64  # head dim 64 without RoPE: 64 channels of dQ per token
+    q = torch.zeros(1, 1, 64, dtype=torch.float16, device=DEVICE).expand(tokens, 1, 64)  # no memory behind it
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"deterministic=False .* at most 33554431 tokens at head dim 64"):
+        attention.varlen_attention(q, q, q, cu, tokens, deterministic=False)
+
+
 def test_attention_does_not_attend_across_sequences():
     low, _, _, cu, _, _ = make_inputs([4, 9], 1, 32, 0, torch.float32)
     q, k, v = (x.detach() for x in low)
