@@ -996,9 +996,10 @@ def varlen_attention(
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    rotary_dim = 2 * cos.shape[1] if cos is not None else 0
-    if not deterministic and matmul_channels(q.shape[-1], rotary_dim) * q.shape[0] >= 2**31:
-        fail("varlen_attention", f"deterministic=False addresses its float32 dQ buffer with int32 offsets (channel × "
-             f"token): at most {(2**31 - 1) // matmul_channels(q.shape[-1], rotary_dim)} tokens at head dim "
-             f"{q.shape[-1]}, got {q.shape[0]}; use deterministic=True")
+    if not deterministic:
+        channels = matmul_channels(q.shape[-1], 2 * cos.shape[1] if cos is not None else 0)
+        if channels * q.shape[0] >= 2**31:
+            fail("varlen_attention", f"deterministic=False addresses its float32 dQ buffer with int32 offsets "
+                 f"(channel × token): at most {(2**31 - 1) // channels} tokens at head dim {q.shape[-1]}, got "
+                 f"{q.shape[0]}; use deterministic=True")
     return attention_fwd(q, k, v, cu_seqlens, max_seqlen, cos, sin, float(softmax_scale), deterministic)[0]
